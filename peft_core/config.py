@@ -1,0 +1,374 @@
+"""Typed configuration: the study config, the per-cell spec and its identity.
+
+Pydantic is the single source of truth: ``workflow/schemas/config.schema.json``
+is exported from :func:`study_json_schema`, the Snakefile validates against it,
+and every config error is reported as one line naming the field path, e.g.
+``methods.lora.rank[0]: Input should be greater than or equal to 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from .errors import InputError
+
+GROUPS = ("natural", "specialized", "structured")
+NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    num_classes: int = Field(ge=2, description="number of classes (labels are 0..num_classes-1)")
+    group: Literal["natural", "specialized", "structured"] = Field(description="VTAB group tag")
+
+
+class DataConfig(Strict):
+    root: str = Field(description="processed VTAB-1k root: <root>/<dataset>/<split>.txt")
+    generator: Literal["demo"] | None = Field(
+        None, description="'demo': the embedded demo data is generated into `root` by a workflow rule"
+    )
+    image_size: int = Field(224, ge=8, description="images are resized to image_size x image_size")
+    normalize: Literal["none", "imagenet", "inception"] = Field(
+        "none", description="input normalisation; the reference VTAB-1k protocol uses none"
+    )
+    tune_train: str = Field("train800", description="split trained on while tuning")
+    tune_eval: str = Field("val200", description="split that selects the configuration")
+    final_train: str = Field("train800val200", description="split of the final runs")
+    final_eval: str = Field("test", description="split reported, never used for selection")
+
+
+class PretrainConfig(Strict):
+    """Upstream pre-training of the demo backbone on a separate synthetic task."""
+
+    images: int = Field(12000, ge=100)
+    epochs: int = Field(12, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+
+class BackboneConfig(Strict):
+    model: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    checkpoint: str = Field(description="local checkpoint file (.safetensors/.pth/.bin/.npz); never downloaded")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    pretrain: PretrainConfig | None = Field(
+        None, description="demo only: produce `checkpoint` by pre-training on a synthetic upstream task"
+    )
+
+
+class TrainConfig(Strict):
+    lr: list[Annotated[float, Field(gt=0)]] = Field(
+        [1e-3, 1e-2], min_length=1, description="lr grid", json_schema_extra={"x-grid": True}
+    )
+    weight_decay: list[Annotated[float, Field(ge=0)]] = Field(
+        [1e-4, 1e-3], min_length=1, description="wd grid", json_schema_extra={"x-grid": True}
+    )
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int = Field(10, ge=0)
+    warmup_lr_init: float = Field(1e-6, ge=0)
+    lr_min: float = Field(1e-5, ge=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    tune_seed: int = Field(0, description="seed of every tuning cell")
+    final_seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="one final run per seed", json_schema_extra={"x-grid": True}
+    )
+
+    @field_validator("lr", "weight_decay", "final_seeds", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, v: Any) -> Any:
+        return v if isinstance(v, list) else [v]
+
+
+class TrainResources(Strict):
+    threads: int = Field(1, ge=1, description="torch threads per training job (Snakemake `threads`)")
+    gpu: int = Field(0, ge=0, description="GPUs per training job (SLURM --gpus)")
+    mem_mb: int = Field(4000, ge=100)
+    runtime: int = Field(60, ge=1, description="minutes per training job on a cluster")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ComputeConfig(Strict):
+    train: TrainResources = Field(default_factory=TrainResources)
+    group_size: int = Field(1, ge=1, description="cells packed into one cluster job")
+
+
+# --------------------------------------------------------------------- method grids
+
+
+def _is_sequence(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_is_sequence(a) for a in typing.get_args(annotation))
+    return origin in (list, tuple) or annotation in (list, tuple)
+
+
+def _to_grid(value: Any, sequence_field: bool) -> list[Any]:
+    """A YAML value -> list of grid values. For list-typed fields a grid is a list of lists."""
+    if not isinstance(value, list):
+        return [value]
+    if sequence_field and not all(isinstance(v, list) for v in value):
+        return [value]
+    return value
+
+
+@cache
+def grid_model(hp_model: type[BaseModel]) -> type[BaseModel]:
+    """A model whose fields are lists of ``hp_model``'s field values (one grid axis each)."""
+    fields: dict[str, Any] = {}
+    validators: dict[str, Any] = {}
+    for name, info in hp_model.model_fields.items():
+        item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        seq = _is_sequence(info.annotation)
+        fields[name] = (
+            list[item],
+            Field(
+                default_factory=lambda d=info.default: [d],
+                min_length=1,
+                description=info.description,
+                json_schema_extra={"x-grid": True},
+            ),
+        )
+        validators[f"_grid_{name}"] = field_validator(name, mode="before")(
+            classmethod(lambda cls, v, _s=seq: _to_grid(v, _s))
+        )
+    return create_model(
+        f"{hp_model.__name__}Grid",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        __doc__=hp_model.__doc__,
+        __validators__=validators,
+        **fields,
+    )
+
+
+def expand_grid(hp_model: type[BaseModel], grid: BaseModel) -> list[BaseModel]:
+    """Every point of a method grid, in listed order (first field varies slowest)."""
+    names = list(hp_model.model_fields)
+    axes = [getattr(grid, n) for n in names]
+    return [hp_model(**dict(zip(names, point))) for point in itertools.product(*axes)]
+
+
+@cache
+def methods_model() -> type[BaseModel]:
+    from .methods import get_method, list_methods
+
+    fields = {
+        name: (grid_model(get_method(name).hparams) | None, Field(None, description=get_method(name).summary))
+        for name in list_methods()
+    }
+    return create_model("Methods", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+@cache
+def study_model() -> type[BaseModel]:
+    return create_model(
+        "StudyConfig",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        study=(str, Field(pattern=NAME, description="name; outputs go to results/<study>, reports/<study>")),
+        data=(DataConfig, ...),
+        backbone=(BackboneConfig, ...),
+        datasets=(dict[Annotated[str, Field(pattern=NAME)], DatasetSpec], Field(min_length=1)),
+        methods=(methods_model(), ...),
+        train=(TrainConfig, Field(default_factory=TrainConfig)),
+        compute=(ComputeConfig, Field(default_factory=ComputeConfig)),
+        published=(str | None, Field(None, description="CSV of published accuracies shown beside ours")),
+    )
+
+
+def _scalar_or_list(node: Any) -> Any:
+    """Grid fields accept a scalar (one value) or a list (an axis): say so in the schema."""
+    if isinstance(node, dict):
+        node = {k: _scalar_or_list(v) for k, v in node.items()}
+        if node.pop("x-grid", False):
+            array = {k: v for k, v in node.items() if k not in ("title", "description", "default")}
+            keep = {k: node[k] for k in ("title", "description", "default") if k in node}
+            return {**keep, "anyOf": [array["items"], array]}
+        return node
+    if isinstance(node, list):
+        return [_scalar_or_list(v) for v in node]
+    return node
+
+
+def study_json_schema() -> dict[str, Any]:
+    schema = _scalar_or_list(study_model().model_json_schema())
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+# --------------------------------------------------------------------- errors
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("list[", "function-", "tuple[")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """The first error of ``err`` as one line: ``field.path: message (got value)``."""
+    first = err.errors()[0]
+    loc = _loc(tuple(first["loc"]))
+    path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    if first["type"] == "extra_forbidden":
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        if parent == "methods":
+            from .methods import list_methods
+
+            return f"{path}: unknown method (known: {', '.join(list_methods())})"
+        return f"{path}: unknown field"
+    msg = first["msg"]
+    if first["type"] != "missing" and "input" in first:
+        msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return f"{path}: {msg}" + (f" [+{more} more]" if more else "")
+
+
+# --------------------------------------------------------------------- study
+
+
+class Study:
+    """A validated study config plus the cells it expands to."""
+
+    def __init__(self, cfg: BaseModel, method_order: list[str] | None = None):
+        self.cfg = cfg
+        self._order = method_order or []
+
+    @property
+    def name(self) -> str:
+        return self.cfg.study
+
+    def method_names(self) -> list[str]:
+        """Configured methods, in the order the config lists them."""
+        chosen = [m for m in type(self.cfg.methods).model_fields if getattr(self.cfg.methods, m) is not None]
+        return sorted(chosen, key=lambda m: self._order.index(m) if m in self._order else len(self._order))
+
+    def dataset_names(self) -> list[str]:
+        return list(self.cfg.datasets)
+
+    def stage_of(self, spec: "CellSpec") -> str:
+        return "final" if spec.eval_split == self.cfg.data.final_eval else "tune"
+
+    def method_grid(self, method: str) -> list[BaseModel]:
+        from .methods import get_method
+
+        return expand_grid(get_method(method).hparams, getattr(self.cfg.methods, method))
+
+    def tuning_cells(self, dataset: str, method: str) -> list["CellSpec"]:
+        """Cells of one (dataset, method), in listed order: method grid x lr x wd."""
+        t, d = self.cfg.train, self.cfg.data
+        return [
+            CellSpec(
+                dataset=dataset,
+                num_classes=self.cfg.datasets[dataset].num_classes,
+                train_split=d.tune_train,
+                eval_split=d.tune_eval,
+                image_size=d.image_size,
+                normalize=d.normalize,
+                backbone=BackboneSpec(
+                    model=self.cfg.backbone.model,
+                    checkpoint=self.cfg.backbone.checkpoint,
+                    kwargs=self.cfg.backbone.kwargs,
+                ),
+                method=method,
+                hparams=hp.model_dump(mode="json"),
+                lr=lr,
+                weight_decay=wd,
+                epochs=t.epochs,
+                warmup_epochs=t.warmup_epochs,
+                warmup_lr_init=t.warmup_lr_init,
+                lr_min=t.lr_min,
+                batch_size=t.batch_size,
+                eval_batch_size=t.eval_batch_size,
+                drop_path=t.drop_path,
+                seed=t.tune_seed,
+            )
+            for hp in self.method_grid(method)
+            for lr in t.lr
+            for wd in t.weight_decay
+        ]
+
+    def final_cell(self, chosen: "CellSpec", seed: int) -> "CellSpec":
+        d = self.cfg.data
+        return chosen.model_copy(update={"train_split": d.final_train, "eval_split": d.final_eval, "seed": seed})
+
+
+def load_study(raw: dict[str, Any] | str | Path) -> Study:
+    """Validate a study config (a dict or a YAML path); one-line InputError on failure."""
+    if not isinstance(raw, dict):
+        path = Path(raw)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        order = list(raw.get("methods") or {}) if isinstance(raw.get("methods"), dict) else []
+        return Study(study_model().model_validate(raw), order)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err)) from None
+
+
+# --------------------------------------------------------------------- cells
+
+
+class BackboneSpec(Strict):
+    model: str
+    checkpoint: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CellSpec(Strict):
+    """Everything that determines one training run; its hash is the cell's identity."""
+
+    dataset: str
+    num_classes: int
+    train_split: str
+    eval_split: str
+    image_size: int
+    normalize: str
+    backbone: BackboneSpec
+    method: str
+    hparams: dict[str, Any]
+    lr: float
+    weight_decay: float
+    epochs: int
+    warmup_epochs: int
+    warmup_lr_init: float
+    lr_min: float
+    batch_size: int
+    eval_batch_size: int
+    drop_path: float
+    seed: int
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def cell_id(self) -> str:
+        return cell_hash(self.model_dump(mode="json"))
+
+
+CELL_ID = re.compile(r"^[0-9a-f]{10}$")
+
+
+def cell_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical (key-sorted, compact) JSON, first 10 hex characters."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]

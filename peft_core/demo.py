@@ -1,0 +1,241 @@
+"""The embedded demo: real and procedural data sets, and an upstream task.
+
+Everything is made deterministically from fixed seeds, with no download:
+``digits`` is scikit-learn's bundled handwritten-digits set (real data); the
+others are rendered tasks that mirror VTAB's groups (texture classes for
+*natural*, microscopy-like cell morphology for *specialized*, object counting
+and orientation for *structured*). They are written in the processed
+VTAB-1k folder format, so the loader that reads real VTAB-1k reads them.
+
+The demo backbone is pre-trained on a separate upstream task (shape x colour
+on textured backgrounds, :func:`upstream_task`) by ``peft-core pretrain-demo``
+and saved as a local checkpoint that is then loaded like any real one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 32
+N_TRAIN, N_VAL, N_TEST = 800, 200, 1000
+
+# name -> (group, num_classes)
+DATASETS: dict[str, tuple[str, int]] = {
+    "digits": ("natural", 10),
+    "textures": ("natural", 8),
+    "cells": ("specialized", 4),
+    "count": ("structured", 6),
+    "orientation": ("structured", 8),
+}
+
+_yy, _xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+
+
+def _rng(name: str, salt: int = 0) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()) + salt)
+
+
+def _colour(rng: np.random.Generator, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    return rng.uniform(lo, hi, 3).astype(np.float32)
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: float = 0.04) -> np.ndarray:
+    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
+    img[mask] = colour
+
+
+def _shape_mask(kind: str, cx: float, cy: float, r: float, angle: float = 0.0) -> np.ndarray:
+    dx, dy = _xx - cx, _yy - cy
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "square":
+        return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+    if kind == "triangle":
+        return (v <= r * 0.7) & (v >= -r + 1.8 * np.abs(u))
+    if kind == "cross":
+        return ((np.abs(u) <= r) & (np.abs(v) <= r * 0.3)) | ((np.abs(v) <= r) & (np.abs(u) <= r * 0.3))
+    if kind == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if kind == "bar":
+        return (np.abs(u) <= r * 1.4) & (np.abs(v) <= max(r * 0.28, 1.0))
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------- downstream tasks
+
+
+def _digits(n_needed: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = _rng("digits").permutation(len(d.target))
+    imgs = []
+    for i in order:
+        g = Image.fromarray((d.images[i] / 16.0 * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
+        imgs.append(np.repeat(np.asarray(g)[:, :, None], 3, axis=2))
+    return np.stack(imgs), d.target[order].astype(np.int64)
+
+
+def _texture(rng: np.random.Generator, label: int) -> np.ndarray:
+    freq = rng.uniform(2.5, 5.0) * 2 * np.pi / SIZE
+    phase = rng.uniform(0, 2 * np.pi)
+    jitter = rng.uniform(-0.15, 0.15)
+    x = _xx * np.cos(jitter) + _yy * np.sin(jitter)
+    y = -_xx * np.sin(jitter) + _yy * np.cos(jitter)
+    if label == 0:
+        t = np.sin(freq * y + phase) > 0
+    elif label == 1:
+        t = np.sin(freq * x + phase) > 0
+    elif label == 2:
+        t = np.sin(freq * (x + y) / np.sqrt(2) + phase) > 0
+    elif label == 3:
+        t = (np.sin(freq * x + phase) > 0) ^ (np.sin(freq * y + phase) > 0)
+    elif label == 4:
+        t = (np.sin(freq * x + phase) * np.sin(freq * y + phase)) > 0.55
+    elif label == 5:
+        cx, cy = rng.uniform(8, 24, 2)
+        t = np.sin(freq * np.hypot(x - cx, y - cy) + phase) > 0
+    elif label == 6:
+        small = rng.normal(0, 1, (5, 5))
+        from PIL import Image
+
+        t = np.asarray(Image.fromarray(small.astype(np.float32)).resize((SIZE, SIZE), Image.BICUBIC)) > 0
+    else:
+        t = (np.sin(freq * x + phase) > 0.6) | (np.sin(freq * y + phase) > 0.6)
+    a, b = _colour(rng), _colour(rng)
+    while np.abs(a - b).sum() < 0.6:
+        b = _colour(rng)
+    img = np.where(t[:, :, None], a, b).astype(np.float32)
+    return _finish(img, rng, 0.06)
+
+
+def _cells(rng: np.random.Generator, label: int) -> np.ndarray:
+    img = np.empty((SIZE, SIZE, 3), np.float32)
+    img[:] = np.array([0.93, 0.78, 0.85]) + rng.uniform(-0.08, 0.08, 3)
+    stain = np.array([0.45, 0.2, 0.6]) + rng.uniform(-0.12, 0.12, 3)
+    for _ in range(rng.integers(5, 10)):
+        cx, cy = rng.uniform(3, SIZE - 3, 2)
+        if label == 0:  # small round nuclei
+            mask = _shape_mask("circle", cx, cy, rng.uniform(1.6, 2.4))
+        elif label == 1:  # large round nuclei
+            mask = _shape_mask("circle", cx, cy, rng.uniform(3.0, 4.0))
+        elif label == 2:  # elongated
+            mask = _shape_mask("bar", cx, cy, rng.uniform(2.0, 3.0), rng.uniform(0, np.pi))
+        else:  # hollow (ring-shaped) nuclei
+            mask = _shape_mask("ring", cx, cy, rng.uniform(2.8, 3.8))
+        _paint(img, mask, np.clip(stain + rng.normal(0, 0.05, 3), 0, 1))
+    return _finish(img, rng, 0.05)
+
+
+def _count(rng: np.random.Generator, label: int) -> np.ndarray:
+    img = np.empty((SIZE, SIZE, 3), np.float32)
+    img[:] = rng.uniform(0.35, 0.6)
+    cells = rng.permutation(16)[: label + 1]  # non-overlapping 4x4 layout of slots
+    for c in cells:
+        cx = (c % 4) * 8 + 4 + rng.uniform(-1.2, 1.2)
+        cy = (c // 4) * 8 + 4 + rng.uniform(-1.2, 1.2)
+        kind = ("circle", "square", "triangle")[rng.integers(3)]
+        _paint(img, _shape_mask(kind, cx, cy, rng.uniform(2.0, 3.0), rng.uniform(0, np.pi)), _colour(rng, 0.0, 1.0))
+    return _finish(img, rng)
+
+
+def _orientation(rng: np.random.Generator, label: int) -> np.ndarray:
+    img = np.empty((SIZE, SIZE, 3), np.float32)
+    img[:] = _colour(rng, 0.0, 0.4)
+    angle = (label + rng.uniform(-0.3, 0.3)) * np.pi / 8
+    cx, cy = rng.uniform(11, 21, 2)
+    _paint(img, _shape_mask("bar", cx, cy, rng.uniform(5.0, 7.5), angle), _colour(rng, 0.55, 1.0))
+    return _finish(img, rng)
+
+
+_RENDER: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "textures": _texture,
+    "cells": _cells,
+    "count": _count,
+    "orientation": _orientation,
+}
+
+
+def _rendered(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = _rng(name)
+    labels = np.arange(n) % DATASETS[name][1]
+    rng.shuffle(labels)
+    return np.stack([_RENDER[name](rng, int(y)) for y in labels]), labels.astype(np.int64)
+
+
+def make_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8 [N, S, S, 3]) and labels of one demo data set, deterministic."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown demo dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name == "digits":
+        return _digits(N_TRAIN + N_VAL + N_TEST)
+    return _rendered(name, N_TRAIN + N_VAL + N_TEST)
+
+
+def write_vtab_folder(name: str, root: str | Path) -> Path:
+    """Write one data set as ``<root>/<name>/{images/*.png, train800, val200, train800val200, test}.txt``."""
+    from PIL import Image
+
+    images, labels = make_dataset(name)
+    out = Path(root) / name
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        rel = f"images/{i:05d}.png"
+        Image.fromarray(img).save(out / rel, optimize=False, compress_level=1)
+        lines.append(f"{rel} {int(y)}")
+    splits = {
+        "train800": lines[:N_TRAIN],
+        "val200": lines[N_TRAIN : N_TRAIN + N_VAL],
+        "train800val200": lines[: N_TRAIN + N_VAL],
+        "test": lines[N_TRAIN + N_VAL :],
+    }
+    for split, rows in splits.items():
+        tmp = out / f".{split}.txt.tmp"
+        tmp.write_text("\n".join(rows) + "\n")
+        tmp.replace(out / f"{split}.txt")
+    return out
+
+
+# ----------------------------------------------------------------- upstream task
+
+UPSTREAM_SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
+UPSTREAM_COLOURS = np.array(
+    [[0.9, 0.15, 0.1], [0.15, 0.8, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1]], dtype=np.float32
+)
+
+
+def upstream_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shape (6) x colour (4) = 24 classes, random pose, on striped or noisy backgrounds."""
+    rng = np.random.default_rng(10_000 + seed)
+    n_cls = len(UPSTREAM_SHAPES) * len(UPSTREAM_COLOURS)
+    labels = np.arange(n) % n_cls
+    rng.shuffle(labels)
+    out = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    for i, y in enumerate(labels):
+        shape, colour = UPSTREAM_SHAPES[y // len(UPSTREAM_COLOURS)], UPSTREAM_COLOURS[y % len(UPSTREAM_COLOURS)]
+        if rng.random() < 0.5:
+            f = rng.uniform(1.5, 5) * 2 * np.pi / SIZE
+            a = rng.uniform(0, np.pi)
+            t = np.sin(f * (_xx * np.cos(a) + _yy * np.sin(a))) > 0
+            bg = np.where(t[:, :, None], _colour(rng, 0, 0.6), _colour(rng, 0, 0.6))
+        else:
+            bg = np.broadcast_to(_colour(rng, 0, 0.6), (SIZE, SIZE, 3))
+        img = np.array(bg, dtype=np.float32)
+        cx, cy = rng.uniform(9, 23, 2)
+        mask = _shape_mask(shape, cx, cy, rng.uniform(4.5, 8.0), rng.uniform(0, np.pi))
+        _paint(img, mask, np.clip(colour + rng.normal(0, 0.07, 3), 0, 1))
+        out[i] = _finish(img, rng)
+    return out, labels.astype(np.int64)

@@ -1,0 +1,77 @@
+"""Name -> method registry.
+
+Filled once, at import time of the method modules (like timm's
+``register_model``); nothing mutates it afterwards, so model builds never
+share state through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class HParams(BaseModel):
+    """Base of every method's hyper-parameter model: frozen, typos rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    hparams: type[HParams]
+    apply: Callable[["nn.Module", HParams], "nn.Module"]
+    merge: Callable[["nn.Module"], "nn.Module"] | None
+    source: Path
+    summary: str
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge is not None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    hparams: type[HParams],
+    apply: Callable,
+    merge: Callable | None = None,
+) -> Method:
+    """Register a method; called once at the bottom of each method module."""
+    if name in _METHODS:
+        raise ValueError(f"method {name!r} is registered twice")
+    module = __import__(apply.__module__, fromlist=["__file__"])
+    doc = (module.__doc__ or "").strip().splitlines()
+    method = Method(
+        name=name,
+        hparams=hparams,
+        apply=apply,
+        merge=merge,
+        source=Path(module.__file__).resolve(),
+        summary=doc[0] if doc else "",
+    )
+    _METHODS[name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS))
+        raise InputError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)

@@ -1,0 +1,314 @@
+"""Result tables and the report, built from the cells' JSON files only.
+
+``aggregate_dataset`` turns one data set's cell directories into tidy rows
+(one row per cell, tuning and final); ``build_report`` concatenates those
+into ``results.parquet`` and renders ``summary.md``, ``summary.csv`` and a
+self-contained ``index.html`` (inline CSS and SVG, no script, no network).
+Nothing here imports torch or timm, so reports rebuild in about a second.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import Study
+from .metrics import ppt
+from .results import METRICS, SPEC, read_json, write_parquet, write_text
+
+GROUP_ORDER = ("natural", "specialized", "structured")
+
+
+def _scalar(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+
+
+def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: set[str]) -> dict[str, Any]:
+    m = read_json(cell_dir / METRICS)
+    s = read_json(cell_dir / SPEC)
+    stage = "final" if s["eval_split"] == final_eval else "tune"
+    row = {
+        "study": study,
+        "dataset": s["dataset"],
+        "group": group,
+        "method": s["method"],
+        "stage": stage,
+        "cell": m["cell"],
+        "train_split": s["train_split"],
+        "eval_split": s["eval_split"],
+        "seed": s["seed"],
+        "lr": s["lr"],
+        "weight_decay": s["weight_decay"],
+        "epochs": s["epochs"],
+        "batch_size": s["batch_size"],
+        "hparams": json.dumps(s["hparams"], sort_keys=True),
+        "status": m["status"],
+        "diverged_epoch": m.get("diverged_epoch"),
+        "accuracy": m["accuracy"] if m["accuracy"] is not None else math.nan,
+        "n_eval": m["n_eval"],
+        "trainable_params": m["trainable_params"],
+        "head_params": m["head_params"],
+        "ppt": m["ppt"] if m["ppt"] is not None else math.nan,
+        "images_per_s": m["images_per_s"],
+        "peak_memory_mb": m["peak_memory_mb"],
+        "wall_time_s": m["wall_time_s"],
+        "train_s": m["train_s"],
+        "device": m["device"],
+        "selected": stage == "tune" and m["cell"] in selected,
+        "backbone": s["backbone"]["model"],
+    }
+    row.update({f"hp_{k}": _scalar(v) for k, v in s["hparams"].items()})
+    return row
+
+
+def aggregate_dataset(
+    study: str, group: str, final_eval: str, cell_dirs: list[Path], selections: list[Path], out: Path
+) -> pd.DataFrame:
+    """One row per cell of one data set; ``selected`` marks the chosen tuning cells."""
+    chosen = {read_json(p)["chosen"] for p in selections}
+    frame = pd.DataFrame([cell_row(Path(d), study, group, final_eval, chosen) for d in cell_dirs])
+    write_parquet(out, frame)
+    return frame
+
+
+# ------------------------------------------------------------------ tables
+
+
+def final_table(results: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """Per (method, dataset): mean/std test accuracy (%) over seeds, params, PPT."""
+    final = results[results.stage == "final"]
+    rows = []
+    for (method, dataset), g in final.groupby(["method", "dataset"], sort=False):
+        ok = g[g.status == "ok"]
+        acc = ok.accuracy * 100
+        rows.append(
+            {
+                "method": method,
+                "dataset": dataset,
+                "group": g.group.iloc[0],
+                "mean": acc.mean() if len(ok) else math.nan,
+                "std": acc.std(ddof=1) if len(ok) > 1 else (0.0 if len(ok) else math.nan),
+                "seeds": len(g),
+                "diverged": int((g.status != "ok").sum()),
+                "trainable_params": int(g.trainable_params.iloc[0]),
+                "split": g.eval_split.iloc[0],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summary_frame(results: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """Methods x datasets (test %), group means, plain mean, params (M), PPT."""
+    per = final_table(results, study)
+    datasets = [d for d in study.dataset_names() if d in set(per.dataset)]
+    methods = [m for m in study.method_names() if m in set(per.method)]
+    groups = [g for g in GROUP_ORDER if any(study.cfg.datasets[d].group == g for d in datasets)]
+    rows = []
+    for method in methods:
+        pm = per[per.method == method].set_index("dataset")
+        row: dict[str, Any] = {"method": method}
+        for d in datasets:
+            row[d] = pm["mean"].get(d, math.nan)
+        for g in groups:
+            row[g] = pd.Series([row[d] for d in datasets if study.cfg.datasets[d].group == g]).mean()
+        row["mean"] = pd.Series([row[d] for d in datasets]).mean()
+        params = pm.trainable_params.reindex(datasets).mean()
+        row["params_m"] = params / 1e6
+        row["ppt"] = ppt(row["mean"] / 100, params) if not math.isnan(row["mean"]) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def selection_frame(results: pd.DataFrame) -> pd.DataFrame:
+    tune = results[results.selected]
+    cols = ["dataset", "method", "hparams", "lr", "weight_decay", "accuracy", "trainable_params", "eval_split"]
+    out = tune[cols].rename(columns={"accuracy": "val_accuracy", "eval_split": "selected_on"}).copy()
+    out["val_accuracy"] = out.val_accuracy * 100
+    grid = results[results.stage == "tune"].groupby(["dataset", "method"]).accuracy
+    spread = (grid.max() - grid.min()).mul(100).rename("grid_spread").reset_index()
+    size = grid.size().rename("grid_size").reset_index()
+    return out.merge(size, on=["dataset", "method"]).merge(spread, on=["dataset", "method"])
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _md_table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        c.ljust(w) if i < align_right_from else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i >= align_right_from else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _cell_text(per: pd.DataFrame, method: str, dataset: str) -> str:
+    hit = per[(per.method == method) & (per.dataset == dataset)]
+    if hit.empty:
+        return "–"
+    r = hit.iloc[0]
+    text = f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}"
+    return text + (f" ({r['diverged']} div.)" if r["diverged"] else "")
+
+
+def render_markdown(results: pd.DataFrame, study: Study) -> str:
+    per = final_table(results, study)
+    summ = summary_frame(results, study)
+    sel = selection_frame(results)
+    datasets = [c for c in summ.columns if c in study.cfg.datasets]
+    groups = [g for g in GROUP_ORDER if g in summ.columns]
+    cfg = study.cfg
+    seeds = sorted(results[results.stage == "final"].seed.unique().tolist())
+    lines = [
+        f"# {study.name}: PEFT methods on {cfg.backbone.model}",
+        "",
+        f"Top-1 accuracy (%) on `{cfg.data.final_eval}` after training on `{cfg.data.final_train}`, "
+        f"mean ± std over seeds {seeds}. Configurations were selected per data set and method "
+        f"by accuracy on `{cfg.data.tune_eval}` after training on `{cfg.data.tune_train}` (never on test). "
+        "Params: trainable parameters excluding the head, mean over data sets. "
+        "PPT = Mean/100 · exp(−log10(Params/10⁷ + 1)).",
+        "",
+        "## Test accuracy",
+        "",
+    ]
+    header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Params (M)", "PPT"]
+    rows = []
+    for _, r in summ.iterrows():
+        rows.append(
+            [
+                r.method,
+                *[_cell_text(per, r.method, d) for d in datasets],
+                *[_fmt(r[g]) for g in groups],
+                _fmt(r["mean"]),
+                _fmt(r.params_m, 4),
+                _fmt(r.ppt),
+            ]
+        )
+    lines += [_md_table(header, rows), ""]
+    lines += ["## Selected configurations (validation accuracy, %)", ""]
+    srows = [
+        [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}", _fmt(r.grid_spread, 1)]
+        for r in sel.sort_values(["dataset", "method"]).itertuples()
+    ]
+    lines += [
+        _md_table(["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread"], srows, 3),
+        "",
+    ]
+    div = results[results.status != "ok"]
+    lines += [
+        "## Runs",
+        "",
+        f"{len(results)} cells ({int((results.stage == 'tune').sum())} tuning, "
+        f"{int((results.stage == 'final').sum())} final); {len(div)} diverged"
+        + ("" if div.empty else ": " + ", ".join(f"{r.dataset}/{r.method}/{r.cell}" for r in div.itertuples()))
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _svg_scatter(summ: pd.DataFrame) -> str:
+    """Mean accuracy vs trainable parameters (log x); 0 params sit on the axis' left end."""
+    w, h, pad = 640, 360, 56
+    pts = summ.dropna(subset=["mean"])
+    if pts.empty:
+        return "<p>No finished final runs yet.</p>"
+    params = (pts.params_m * 1e6).clip(lower=1.0)
+    lx = params.map(math.log10)
+    x0, x1 = math.floor(min(lx.min(), 2)), math.ceil(max(lx.max(), 3))
+    y0, y1 = math.floor(pts["mean"].min() / 5) * 5 - 5, min(100, math.ceil(pts["mean"].max() / 5) * 5 + 5)
+    sx = lambda v: pad + (v - x0) / (x1 - x0) * (w - 2 * pad)  # noqa: E731
+    sy = lambda v: h - pad + (y0 - v) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" aria-label="accuracy vs parameters">']
+    parts.append(f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" class="frame"/>')
+    for e in range(x0, x1 + 1):
+        label = "≤1" if e == 0 else f"10<tspan dy='-6' font-size='9'>{e}</tspan>"
+        parts.append(f'<line x1="{sx(e):.1f}" x2="{sx(e):.1f}" y1="{pad}" y2="{h - pad}" class="grid"/>')
+        parts.append(f'<text x="{sx(e):.1f}" y="{h - pad + 18}" text-anchor="middle">{label}</text>')
+    for v in range(int(y0), int(y1) + 1, 5 if y1 - y0 <= 40 else 10):
+        parts.append(f'<line x1="{pad}" x2="{w - pad}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" class="grid"/>')
+        parts.append(f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
+    parts.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">trainable parameters (excl. head, log scale)</text>')
+    parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">mean test accuracy (%)</text>')
+    for (_, r), x in zip(pts.iterrows(), lx):
+        cx, cy = sx(x), sy(r["mean"])
+        name = html.escape(r.method)
+        parts.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" class="pt"><title>{name}: {r["mean"]:.2f}% at '
+            f'{r.params_m:.4f} M params</title></circle><text x="{cx + 8:.1f}" y="{cy - 6:.1f}">{name}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}p.note{color:#57606a;max-width:60rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{padding:.3rem .55rem;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}td.best{font-weight:700;background:#dafbe1}
+svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}
+"""
+
+
+def _html_table(frame: pd.DataFrame, best_cols: list[str] | None = None, digits: int = 2) -> str:
+    best = {c: frame[c].max() for c in (best_cols or []) if c in frame}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, r in frame.iterrows():
+        tds = []
+        for c in frame.columns:
+            v = r[c]
+            cls = ' class="best"' if c in best and isinstance(v, float) and v == best[c] else ""
+            tds.append(f"<td{cls}>{html.escape(_fmt(v, digits))}</td>")
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(results: pd.DataFrame, study: Study) -> str:
+    summ = summary_frame(results, study)
+    sel = selection_frame(results)
+    cfg = study.cfg
+    shown = summ.rename(columns={"params_m": "params (M)", "ppt": "PPT"})
+    acc_cols = [c for c in shown.columns if c not in ("method", "params (M)")]
+    sel_shown = sel.sort_values(["dataset", "method"]).rename(
+        columns={"val_accuracy": "val acc (%)", "trainable_params": "trainable", "weight_decay": "wd"}
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{html.escape(study.name)} · peft-vision-bench</title><style>{CSS}</style></head>
+<body>
+<h1>{html.escape(study.name)}: PEFT methods on <code>{html.escape(cfg.backbone.model)}</code></h1>
+<p class="note">Top-1 accuracy (%) on <code>{cfg.data.final_eval}</code> after training on <code>{cfg.data.final_train}</code>,
+mean over final seeds. Configurations selected by accuracy on <code>{cfg.data.tune_eval}</code> (never on test).
+Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1)). Best value per column in bold.</p>
+<h2>Test accuracy, group means, parameters and PPT</h2>
+{_html_table(shown, acc_cols)}
+<h2>Accuracy vs trainable parameters</h2>
+{_svg_scatter(summ)}
+<h2>Selected configurations</h2>
+{_html_table(sel_shown)}
+<p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>
+</body></html>
+"""
+
+
+def build_report(study: Study, tables: list[Path], out_dir: Path) -> pd.DataFrame:
+    results = pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(out_dir / "results.parquet", results)
+    summ = summary_frame(results, study)
+    write_text(out_dir / "summary.csv", summ.to_csv(index=False, float_format="%.4f"))
+    write_text(out_dir / "summary.md", render_markdown(results, study))
+    write_text(out_dir / "index.html", render_html(results, study))
+    return results

@@ -1,0 +1,60 @@
+"""Atomic writers and the on-disk layout of one cell's outputs.
+
+A cell directory holds ``spec.json`` (what ran), ``predictions.parquet``
+(per-sample label, prediction, logits) and ``metrics.json`` (written last:
+its presence means the cell finished). Every file is written to a temporary
+name in the same directory and renamed, so a killed job never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SPEC, METRICS, PREDICTIONS = "spec.json", "metrics.json", "predictions.parquet"
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None so the JSON is standard (a diverged run has no accuracy)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    text = json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_parquet(path: str | Path, frame: "Any") -> None:
+    _atomic(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

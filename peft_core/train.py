@@ -1,0 +1,203 @@
+"""The training engine for one cell: AdamW, linear warm-up then cosine, top-1.
+
+Data are uint8 tensors loaded onto the device once; batches are sliced there.
+The loss is accumulated on the device and read once per epoch (no host sync
+per step); a non-finite epoch loss stops the cell as ``diverged``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, backbones
+from .config import CellSpec
+from .data import load_split, to_float
+from .methods import get_method
+from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
+from .metrics import ppt
+from .results import METRICS, PREDICTIONS, SPEC, write_json, write_parquet
+
+
+def lr_at(step: int, steps_per_epoch: int, spec: CellSpec) -> float:
+    """Per-step schedule: linear warm-up from ``warmup_lr_init``, then cosine to ``lr_min``."""
+    warm = spec.warmup_epochs * steps_per_epoch
+    total = spec.epochs * steps_per_epoch
+    if step < warm:
+        return spec.warmup_lr_init + (spec.lr - spec.warmup_lr_init) * step / warm
+    progress = (step - warm) / max(1, total - warm)
+    return spec.lr_min + 0.5 * (spec.lr - spec.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def build_model(spec: CellSpec, checkpoint: str | Path | None, device: torch.device) -> torch.nn.Module:
+    """Backbone from the checkpoint, new head, then the method applied."""
+    method = get_method(spec.method)
+    hp = method.hparams(**spec.hparams)
+    model = backbones.build(spec.backbone.model, checkpoint, spec.num_classes, spec.drop_path, spec.backbone.kwargs)
+    method.apply(model, hp)
+    unfreeze_head(model)
+    return model.to(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@dataclass
+class Outcome:
+    status: str = "ok"
+    diverged_epoch: int | None = None
+    final_loss: float = float("nan")
+    images: int = 0
+
+
+def train(model, spec: CellSpec, x: torch.Tensor, y: torch.Tensor, log) -> Outcome:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / spec.batch_size)
+    use_bf16 = x.device.type == "cuda"
+    out = Outcome()
+    step = 0
+    model.train()
+    for epoch in range(spec.epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen).to(x.device)
+        loss_sum = torch.zeros((), device=x.device)
+        for start in range(0, n, spec.batch_size):
+            idx = order[start : start + spec.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps_per_epoch, spec)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = F.cross_entropy(model(to_float(x[idx], spec.normalize)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * idx.numel()
+            step += 1
+        out.images += n
+        epoch_loss = float(loss_sum) / n  # one host sync per epoch
+        out.final_loss = epoch_loss
+        log(f"epoch {epoch + 1}/{spec.epochs} loss {epoch_loss:.4f} {n / (time.perf_counter() - t0):.0f} img/s")
+        if not math.isfinite(epoch_loss):
+            out.status, out.diverged_epoch = "diverged", epoch + 1
+            break
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model, spec: CellSpec, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    use_bf16 = x.device.type == "cuda"
+    chunks = []
+    for start in range(0, x.shape[0], spec.eval_batch_size):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            chunks.append(model(to_float(x[start : start + spec.eval_batch_size], spec.normalize)).float())
+    return torch.cat(chunks)
+
+
+def run_cell(
+    spec: CellSpec,
+    train_data: str | Path,
+    eval_data: str | Path,
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    threads: int = 1,
+    device: str = "auto",
+    log=None,
+) -> dict[str, Any]:
+    """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json."""
+    import pandas as pd
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    dev = pick_device(device)
+    torch.manual_seed(spec.seed)
+    train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
+    model = build_model(spec, checkpoint, dev)
+    t_loaded = time.perf_counter()
+
+    outcome = train(model, spec, train_split.images, train_split.labels, log)
+    t_trained = time.perf_counter()
+
+    if outcome.status == "ok":
+        logits = evaluate(model, spec, eval_split.images).cpu()
+        if not torch.isfinite(logits).all():
+            outcome.status = "diverged"
+    t_eval = time.perf_counter()
+
+    labels = eval_split.labels.cpu()
+    if outcome.status == "ok":
+        pred = logits.argmax(1)
+        accuracy = float((pred == labels).float().mean())
+        write_parquet(
+            out_dir / PREDICTIONS,
+            pd.DataFrame(
+                {
+                    "index": range(len(labels)),
+                    "label": labels.numpy(),
+                    "pred": pred.numpy(),
+                    "logits": list(logits.numpy()),
+                }
+            ),
+        )
+    else:
+        accuracy = float("nan")
+        write_parquet(out_dir / PREDICTIONS, pd.DataFrame({"index": [], "label": [], "pred": [], "logits": []}))
+
+    trainable = count_trainable(model)
+    train_time = t_trained - t_loaded
+    metrics = {
+        "cell": spec.cell_id,
+        "dataset": spec.dataset,
+        "method": spec.method,
+        "status": outcome.status,
+        "diverged_epoch": outcome.diverged_epoch,
+        "train_split": spec.train_split,
+        "eval_split": spec.eval_split,
+        "accuracy": accuracy,
+        "n_eval": int(len(labels)),
+        "final_train_loss": outcome.final_loss,
+        "trainable_params": trainable,
+        "head_params": count_head(model),
+        "backbone_params": count_backbone(model),
+        "ppt": ppt(accuracy, trainable) if outcome.status == "ok" else float("nan"),
+        "trainable_tensors": trainable_names(model),
+        "images_per_s": outcome.images / train_time if train_time > 0 else float("nan"),
+        "peak_memory_mb": peak_memory_mb(dev),
+        "wall_time_s": time.perf_counter() - t_start,
+        "load_s": t_loaded - t_start,
+        "train_s": train_time,
+        "eval_s": t_eval - t_trained,
+        "device": str(dev),
+        "threads": threads,
+        "torch": torch.__version__,
+        "peft_core": __version__,
+    }
+    write_json(out_dir / SPEC, spec.model_dump(mode="json"))
+    write_json(out_dir / METRICS, metrics)
+    log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: {outcome.status} {spec.eval_split} acc {accuracy:.4f}")
+    return metrics

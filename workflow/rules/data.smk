@@ -1,0 +1,44 @@
+SPLITS = [CFG.data.tune_train, CFG.data.tune_eval, CFG.data.final_train, CFG.data.final_eval]
+
+if CFG.data.generator == "demo":
+
+    rule make_demo_data:
+        output:
+            splits=expand(f"{CFG.data.root}/{{{{dataset}}}}/{{split}}.txt", split=SPLITS),
+        log:
+            f"{LOGS}/make_demo_data/{{dataset}}.log",
+        params:
+            root=CFG.data.root,
+        shell:
+            "peft-core make-demo-data --root {params.root} --dataset {wildcards.dataset} > {log} 2>&1"
+
+
+if CFG.backbone.pretrain is not None:
+
+    rule pretrain_demo_backbone:
+        output:
+            CFG.backbone.checkpoint,
+        log:
+            f"{LOGS}/pretrain_demo_backbone.log",
+        params:
+            backbone=json.dumps(CFG.backbone.model_dump(mode="json"), sort_keys=True),
+        threads: 2
+        shell:
+            "peft-core pretrain-demo --backbone-json {params.backbone:q} --out {output} "
+            "--threads {threads} > {log} 2>&1"
+
+
+rule cache_split:
+    input:
+        f"{CFG.data.root}/{{dataset}}/{{split}}.txt",
+    output:
+        f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
+    log:
+        f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+    params:
+        root=CFG.data.root,
+        size=CFG.data.image_size,
+        num_classes=lambda wc: CFG.datasets[wc.dataset].num_classes,
+    shell:
+        "peft-core cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
+        "--size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"

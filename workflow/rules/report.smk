@@ -1,0 +1,32 @@
+rule aggregate_dataset:
+    input:
+        metrics=lambda wc: [f"{d}/metrics.json" for d in dataset_cells(wc)],
+        selections=expand(f"{RES}/selection/{{{{dataset}}}}/{{method}}.json", method=METHODS),
+    output:
+        f"{RES}/tables/{{dataset}}.parquet",
+    log:
+        f"{LOGS}/aggregate_dataset/{{dataset}}.log",
+    params:
+        cells=lambda wc: dataset_cells(wc),
+        group=lambda wc: CFG.datasets[wc.dataset].group,
+        study=STUDY.name,
+        final_eval=CFG.data.final_eval,
+    shell:
+        "peft-core aggregate --study {params.study} --group {params.group} "
+        "--final-eval {params.final_eval} --cells {params.cells} --selections {input.selections} "
+        "--out {output} > {log} 2>&1"
+
+
+rule build_report:
+    input:
+        expand(f"{RES}/tables/{{dataset}}.parquet", dataset=DATASETS),
+    output:
+        report_files(),
+    log:
+        f"{LOGS}/build_report.log",
+    params:
+        config=json.dumps(config),
+        out_dir=REPORT,
+    shell:
+        "peft-core report --config {params.config:q} --tables {input} --out-dir {params.out_dir} "
+        "> {log} 2>&1"

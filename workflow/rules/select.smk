@@ -1,0 +1,14 @@
+# Selection sees only tuning cells (evaluated on the validation split); the
+# command refuses any cell evaluated elsewhere.
+checkpoint select_config:
+    input:
+        lambda wc: tuning_metrics(wc.dataset, wc.method),
+    output:
+        f"{RES}/selection/{{dataset}}/{{method}}.json",
+    log:
+        f"{LOGS}/select_config/{{dataset}}/{{method}}.log",
+    params:
+        cells=lambda wc, input: [str(Path(p).parent) for p in input],
+        split=CFG.data.tune_eval,
+    shell:
+        "peft-core select --cells {params.cells} --eval-split {params.split} --out {output} > {log} 2>&1"
