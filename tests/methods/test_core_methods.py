@@ -1,0 +1,120 @@
+"""linear, full, bitfit and lora held to the shared method contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from peft_core.errors import InputError
+from peft_core.methods import get_method
+
+from . import checks as c
+
+FAMILIES = list(c.BACKBONES)
+
+
+@pytest.fixture(scope="module")
+def vit_b16_params() -> int:
+    return sum(p.numel() for n, p in c.vit_b16().named_parameters() if not n.startswith("head."))
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16])
+def test_lora_vit_b16_count_is_36864_per_rank(rank):
+    model = c.apply(c.vit_b16(), "lora", rank=rank)
+    assert c.trainable_count(model) == 36_864 * rank
+
+
+@pytest.mark.parametrize(
+    "targets, per_rank",
+    [
+        (("q",), 12 * (768 + 768)),
+        (("q", "v"), 12 * (768 + 2 * 768)),
+        (("o",), 12 * (768 + 768)),
+        (("fc1", "fc2"), 12 * ((768 + 3072) + (3072 + 768))),
+    ],
+)
+def test_lora_target_selection_counts(targets, per_rank):
+    model = c.apply(c.vit_b16(), "lora", rank=4, targets=targets)
+    assert c.trainable_count(model) == 4 * per_rank
+
+
+def test_full_counts_every_backbone_parameter(vit_b16_params):
+    model = c.apply(c.vit_b16(), "full")
+    assert c.trainable_count(model) == vit_b16_params == 85_798_656
+
+
+def test_linear_trains_head_only():
+    model = c.apply(c.vit_b16(), "linear")
+    assert c.trainable_count(model) == 0
+
+
+def test_bitfit_vit_b16_count():
+    # 12 blocks x (2 LN + qkv 2304 + proj 768 + fc1 3072 + fc2 768 + LN biases 2x768) + patch 768 + final LN 768
+    model = c.apply(c.vit_b16(), "bitfit")
+    assert c.trainable_count(model) == 102_912
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name, hp", [("linear", {}), ("full", {}), ("bitfit", {}), ("lora", {"rank": 2})])
+def test_gradients_reach_exactly_the_trainable_tensors(family, name, hp):
+    model = c.apply(c.tiny_model(family), name, **hp)
+    grads = c.check_gradients(model)
+    assert all(n.startswith("head.") for n in grads) == (name == "linear")
+
+
+def test_lora_gradients_only_on_lora_tensors():
+    model = c.apply(c.tiny_model("vit"), "lora", rank=2, targets=("q", "v", "fc2"))
+    names = set(c.check_gradients(model))
+    assert names - {"head.weight", "head.bias"} == {
+        f"blocks.{i}.{m}.{t}" for i in range(4) for m in ("attn.qkv", "mlp.fc2") for t in ("lora_a", "lora_b")
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_identity_at_init(family):
+    c.check_identity_at_init(family, "lora", rank=4, targets=("q", "k", "v", "o", "fc1", "fc2"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("lora", {"rank": 4, "targets": ("q", "v", "o", "fc1")}),
+        ("lora", {"rank": 2, "alpha": 8.0}),
+        ("bitfit", {}),
+        ("full", {}),
+    ],
+)
+def test_merge_matches_unmerged(family, name, hp):
+    c.check_merge(family, name, **hp)
+
+
+@pytest.mark.parametrize("name, hp", [("lora", {"rank": 2}), ("bitfit", {}), ("full", {}), ("linear", {})])
+def test_no_state_leaks_between_models(name, hp):
+    c.check_no_leak(name, **hp)
+
+
+def test_linear_is_not_mergeable_by_pretence():
+    # linear changes nothing in the backbone: merging is the identity and says so
+    assert get_method("linear").mergeable
+
+
+@pytest.mark.parametrize(
+    "name, hp, field",
+    [
+        ("lora", {"rank": 0}, "rank"),
+        ("lora", {"targets": ("q", "x")}, "targets"),
+        ("lora", {"rnak": 4}, "rnak"),
+        ("bitfit", {"rank": 4}, "rank"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_field(name, hp, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        get_method(name).hparams(**hp)
+    assert field in str(err.value)
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(InputError, match="unknown method 'lorax'.*lora"):
+        get_method("lorax")
