@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import InputError
 
@@ -48,6 +48,13 @@ class DataConfig(Strict):
     tune_eval: str = Field("val200", description="split that selects the configuration")
     final_train: str = Field("train800val200", description="split of the final runs")
     final_eval: str = Field("test", description="split reported, never used for selection")
+
+    @model_validator(mode="after")
+    def _test_split_stays_unseen(self) -> "DataConfig":
+        """Selection on (or tuning with) the reported split would leak it."""
+        if self.final_eval in (self.tune_train, self.tune_eval, self.final_train):
+            raise ValueError(f"final_eval split {self.final_eval!r} must not be used for tuning or training")
+        return self
 
 
 class PretrainConfig(Strict):
@@ -235,8 +242,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 
             return f"{path}: unknown method (known: {', '.join(list_methods())})"
         return f"{path}: unknown field"
-    msg = first["msg"]
-    if first["type"] != "missing" and "input" in first:
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] not in ("missing", "value_error") and not isinstance(first.get("input"), dict) and "input" in first:
         msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     return f"{path}: {msg}" + (f" [+{more} more]" if more else "")

@@ -25,11 +25,20 @@ METHODS = STUDY.method_names()
 TUNE = {(d, m): STUDY.tuning_cells(d, m) for d in DATASETS for m in METHODS}
 TUNE_SPECS = {s.cell_id: s for specs in TUNE.values() for s in specs}
 REPO = Path(workflow.basedir).parent
+# Rules run `python -m peft_core.cli` from the repository root, which imports
+# peft_core from the checkout: a rule's conda env needs only the dependencies.
+ENV = "../envs/peft-core.yaml"
 # Editing any of these reruns every training cell (shared engine code);
 # each method's own file reruns only that method's cells.
 ENGINE_CODE = [
     str(REPO / "peft_core" / f)
-    for f in ("train.py", "backbones.py", "data.py", "methods/_common.py", "methods/_targets.py")
+    for f in (
+        "train.py",
+        "backbones.py",
+        "data.py",
+        "methods/_common.py",
+        "methods/_targets.py",
+    )
 ]
 
 
@@ -51,7 +60,9 @@ def cache_path(dataset, split):
 def final_specs(dataset, method):
     """Final-run cells of (dataset, method): known once its selection has run."""
     selection = checkpoints.select_config.get(dataset=dataset, method=method).output[0]
-    chosen = CellSpec.model_validate(json.loads(Path(selection).read_text())["chosen_spec"])
+    chosen = CellSpec.model_validate(
+        json.loads(Path(selection).read_text())["chosen_spec"]
+    )
     return [STUDY.final_cell(chosen, seed) for seed in CFG.train.final_seeds]
 
 
@@ -89,4 +100,7 @@ def dataset_cells(wildcards):
 
 
 def report_files():
-    return [f"{REPORT}/{name}" for name in ("summary.md", "summary.csv", "results.parquet", "index.html")]
+    return [
+        f"{REPORT}/{name}"
+        for name in ("summary.md", "summary.csv", "results.parquet", "index.html")
+    ]

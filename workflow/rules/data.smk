@@ -1,16 +1,25 @@
-SPLITS = [CFG.data.tune_train, CFG.data.tune_eval, CFG.data.final_train, CFG.data.final_eval]
+SPLITS = [
+    CFG.data.tune_train,
+    CFG.data.tune_eval,
+    CFG.data.final_train,
+    CFG.data.final_eval,
+]
 
 if CFG.data.generator == "demo":
 
     rule make_demo_data:
         output:
-            splits=expand(f"{CFG.data.root}/{{{{dataset}}}}/{{split}}.txt", split=SPLITS),
+            splits=expand(
+                f"{CFG.data.root}/{{{{dataset}}}}/{{split}}.txt", split=SPLITS
+            ),
         log:
             f"{LOGS}/make_demo_data/{{dataset}}.log",
+        conda:
+            ENV
         params:
-            root=CFG.data.root,
+            root=lambda wc, output: Path(output.splits[0]).parent.parent,
         shell:
-            "peft-core make-demo-data --root {params.root} --dataset {wildcards.dataset} > {log} 2>&1"
+            "python -m peft_core.cli make-demo-data --root {params.root} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 if CFG.backbone.pretrain is not None:
@@ -20,11 +29,13 @@ if CFG.backbone.pretrain is not None:
             CFG.backbone.checkpoint,
         log:
             f"{LOGS}/pretrain_demo_backbone.log",
+        conda:
+            ENV
+        threads: 2
         params:
             backbone=json.dumps(CFG.backbone.model_dump(mode="json"), sort_keys=True),
-        threads: 2
         shell:
-            "peft-core pretrain-demo --backbone-json {params.backbone:q} --out {output} "
+            "python -m peft_core.cli pretrain-demo --backbone-json {params.backbone:q} --out {output} "
             "--threads {threads} > {log} 2>&1"
 
 
@@ -35,10 +46,12 @@ rule cache_split:
         f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
     log:
         f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+    conda:
+        ENV
     params:
-        root=CFG.data.root,
+        root=lambda wc, input: Path(input[0]).parent.parent,
         size=CFG.data.image_size,
         num_classes=lambda wc: CFG.datasets[wc.dataset].num_classes,
     shell:
-        "peft-core cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
+        "python -m peft_core.cli cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
         "--size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"

@@ -1,18 +1,22 @@
 rule aggregate_dataset:
     input:
         metrics=lambda wc: [f"{d}/metrics.json" for d in dataset_cells(wc)],
-        selections=expand(f"{RES}/selection/{{{{dataset}}}}/{{method}}.json", method=METHODS),
+        selections=expand(
+            f"{RES}/selection/{{{{dataset}}}}/{{method}}.json", method=METHODS
+        ),
     output:
         f"{RES}/tables/{{dataset}}.parquet",
     log:
         f"{LOGS}/aggregate_dataset/{{dataset}}.log",
+    conda:
+        ENV
     params:
         cells=lambda wc: dataset_cells(wc),
         group=lambda wc: CFG.datasets[wc.dataset].group,
         study=STUDY.name,
         final_eval=CFG.data.final_eval,
     shell:
-        "peft-core aggregate --study {params.study} --group {params.group} "
+        "python -m peft_core.cli aggregate --study {params.study} --group {params.group} "
         "--final-eval {params.final_eval} --cells {params.cells} --selections {input.selections} "
         "--out {output} > {log} 2>&1"
 
@@ -24,9 +28,11 @@ rule build_report:
         report_files(),
     log:
         f"{LOGS}/build_report.log",
+    conda:
+        ENV
     params:
         config=json.dumps(config),
-        out_dir=REPORT,
+        out_dir=lambda wc, output: Path(output[0]).parent,
     shell:
-        "peft-core report --config {params.config:q} --tables {input} --out-dir {params.out_dir} "
+        "python -m peft_core.cli report --config {params.config:q} --tables {input} --out-dir {params.out_dir} "
         "> {log} 2>&1"

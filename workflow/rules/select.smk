@@ -7,8 +7,10 @@ checkpoint select_config:
         f"{RES}/selection/{{dataset}}/{{method}}.json",
     log:
         f"{LOGS}/select_config/{{dataset}}/{{method}}.log",
+    conda:
+        ENV
     params:
         cells=lambda wc, input: [str(Path(p).parent) for p in input],
         split=CFG.data.tune_eval,
     shell:
-        "peft-core select --cells {params.cells} --eval-split {params.split} --out {output} > {log} 2>&1"
+        "python -m peft_core.cli select --cells {params.cells} --eval-split {params.split} --out {output} > {log} 2>&1"

@@ -7,18 +7,20 @@ rule train_cell:
         spec=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/spec.json",
     log:
         f"{LOGS}/train_cell/{{dataset}}/{{method}}/{{cell}}.log",
-    params:
-        spec=lambda wc: spec_for(wc).canonical_json(),
-        dir=subpath(output.metrics, parent=True),
-        device=CFG.compute.train.device,
+    group:
+        "train"
+    conda:
+        ENV
     threads: CFG.compute.train.threads
     resources:
         gpu=CFG.compute.train.gpu,
         mem_mb=CFG.compute.train.mem_mb,
         runtime=CFG.compute.train.runtime,
-    group:
-        "train"
+    params:
+        spec=lambda wc: spec_for(wc).canonical_json(),
+        dir=subpath(output.metrics, parent=True),
+        device=CFG.compute.train.device,
     shell:
-        "peft-core train --spec-json {params.spec:q} --train-data {input.train} "
+        "python -m peft_core.cli train --spec-json {params.spec:q} --train-data {input.train} "
         "--eval-data {input.eval} --checkpoint {input.checkpoint} --out {params.dir} "
         "--threads {threads} --device {params.device} > {log} 2>&1"

@@ -1,0 +1,76 @@
+"""Drive the workflow through ``snakemake.api`` and report which jobs ran.
+
+Run as a script in a fresh process (Snakemake and torch keep process-wide
+state): ``python -m tests.workflow.smk WORKDIR CONFIGFILE [--dryrun]`` prints
+one JSON list of ``{"rule": ..., "output": [...]}`` for the jobs scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+
+
+class _JobCollector(logging.Filter):
+    """Records every JOB_INFO event; a logger filter, since Snakemake resets handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[dict] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(getattr(record, "event", "")).lower() == "job_info":
+            self.jobs.append({"rule": record.rule_name, "output": list(getattr(record, "output", []) or [])})
+        return True
+
+
+def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[dict]:
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        ExecutionSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+    )
+
+    collector = _JobCollector()
+    with SnakemakeApi(OutputSettings(quiet=set())) as api:
+        logging.getLogger("snakemake.logging").addFilter(collector)
+        wf = api.workflow(
+            resource_settings=ResourceSettings(cores=cores),
+            config_settings=ConfigSettings(configfiles=[configfile]),
+            storage_settings=StorageSettings(),
+            snakefile=SNAKEFILE,
+            workdir=workdir,
+        )
+        dag = wf.dag(DAGSettings())
+        dag.execute_workflow(
+            executor="dryrun" if dryrun else "local",
+            execution_settings=ExecutionSettings(keep_going=False),
+        )
+    return collector.jobs
+
+
+def run_in_subprocess(workdir: Path, configfile: Path, dryrun: bool = False, timeout: float = 900) -> list[dict]:
+    cmd = [sys.executable, "-m", "tests.workflow.smk", str(workdir), str(configfile)]
+    if dryrun:
+        cmd.append("--dryrun")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--dryrun"]
+    jobs = run(Path(args[0]), Path(args[1]), dryrun="--dryrun" in sys.argv)
+    sys.stdout.flush()
+    print(json.dumps(jobs))

@@ -1,0 +1,103 @@
+"""The workflow end to end on a miniature study, through ``snakemake.api``.
+
+One module-scoped run (about half a minute on 2 cores) feeds every test:
+report produced, unchanged rerun schedules nothing, a grid edit schedules
+only the edited method's cells, and the HTML report as a browser shows it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from .smk import REPO, run_in_subprocess
+
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("tiny_study")
+    config = work / "tiny.yaml"
+    shutil.copy(TINY, config)
+    jobs = run_in_subprocess(work, config)
+    return {"work": work, "config": config, "jobs": jobs, "report": work / "reports" / "tiny"}
+
+
+def rules(jobs: list[dict]) -> list[str]:
+    return sorted(j["rule"] for j in jobs)
+
+
+def test_first_run_schedules_every_stage(study):
+    names = rules(study["jobs"])
+    # 1 linear + 2 lora tuning cells, then one final seed each
+    assert names.count("train_cell") == 5
+    assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report"} <= set(names)
+
+
+def test_report_files_and_tables(study):
+    report = study["report"]
+    for name in ("summary.md", "summary.csv", "results.parquet", "index.html"):
+        assert (report / name).stat().st_size > 0, name
+    results = pd.read_parquet(report / "results.parquet")
+    assert set(results["method"]) == {"linear", "lora"}
+    tuning = results[results["stage"] == "tune"]
+    final = results[results["stage"] == "final"]
+    assert set(tuning["eval_split"]) == {"val200"} and set(tuning["train_split"]) == {"train800"}
+    assert set(final["eval_split"]) == {"test"} and set(final["train_split"]) == {"train800val200"}
+    assert len(tuning) == 3 and len(final) == 2
+    summary = (report / "summary.md").read_text()
+    assert "| linear" in summary and "| lora" in summary and "PPT" in summary
+
+
+def test_unchanged_rerun_schedules_zero_jobs(study):
+    assert run_in_subprocess(study["work"], study["config"], dryrun=True) == []
+
+
+def test_grid_edit_schedules_only_that_methods_cells(study, tmp_path):
+    cfg = yaml.safe_load(study["config"].read_text())
+    cfg["methods"]["lora"]["rank"] = [1, 2, 4]
+    edited = tmp_path / "tiny.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(study["work"], edited, dryrun=True)
+    trained = [j for j in jobs if j["rule"] == "train_cell"]
+    assert len(trained) == 1, trained  # the new rank-4 tuning cell; final runs wait for selection
+    assert all("/lora/" in out for j in trained for out in j["output"])
+    assert {j["rule"] for j in jobs} <= {"train_cell", "select_config", "aggregate_dataset", "build_report", "all"}
+    selections = [out for j in jobs if j["rule"] == "select_config" for out in j["output"]]
+    assert selections and all(out.endswith("/lora.json") for out in selections)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_html_report_in_headless_browser(study, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    console, requests = [], []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    url = (study["report"] / "index.html").resolve().as_uri()
+    page.goto(url)
+    assert [m for m in console if m.startswith(("error", "pageerror"))] == []
+    assert requests == [url], f"the report made network requests: {requests[1:]}"
+    assert "tiny" in page.title()
+    assert page.locator("table").count() >= 2
+    assert page.locator("svg circle").count() >= 2  # one point per method in the scatter
+    text = page.inner_text("body")
+    assert "linear" in text and "lora" in text and "PPT" in text
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    page.close()
