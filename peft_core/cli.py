@@ -257,14 +257,38 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_params)
 
+    s = sub.add_parser("serve", help="fork server: import torch/timm once, run forwarded commands")
+    s.add_argument("--socket", required=True, help="Unix socket path")
+    s.add_argument("--idle-timeout", type=float, default=900.0, help="exit after this many idle seconds")
+    s.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
+    s.set_defaults(fn=cmd_serve)
+
     s = sub.add_parser("methods", help="list the registered methods")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(fn=cmd_methods)
     return p
 
 
+def cmd_serve(a) -> int:
+    from .server import serve
+
+    serve(a.socket, idle_timeout=a.idle_timeout, parent_pid=a.parent_pid)
+    return 0
+
+
+# Commands worth sending to a running fork server (they import torch + timm).
+FORWARDED = {"train"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if args.cmd in FORWARDED:
+        from .server import forward
+
+        rc = forward(argv)
+        if rc is not None:
+            return rc
     try:
         return args.fn(args)
     except InputError as err:

@@ -133,6 +133,11 @@ def _to_grid(value: Any, sequence_field: bool) -> list[Any]:
     return value
 
 
+# Per-method optimiser grids: e.g. full fine-tuning needs lower learning rates
+# than PEFT methods (the reference study's shared grid under-tunes it).
+OPTIMISER_OVERRIDES = {"lr": ("learning-rate", {"gt": 0}), "weight_decay": ("weight-decay", {"ge": 0})}
+
+
 @cache
 def grid_model(hp_model: type[BaseModel]) -> type[BaseModel]:
     """A model whose fields are lists of ``hp_model``'s field values (one grid axis each)."""
@@ -152,6 +157,16 @@ def grid_model(hp_model: type[BaseModel]) -> type[BaseModel]:
         )
         validators[f"_grid_{name}"] = field_validator(name, mode="before")(
             classmethod(lambda cls, v, _s=seq: _to_grid(v, _s))
+        )
+    for name, (what, bound) in OPTIMISER_OVERRIDES.items():
+        if name in fields:
+            raise TypeError(f"{hp_model.__name__}.{name} clashes with the per-method optimiser override")
+        fields[name] = (
+            list[Annotated[float, Field(**bound)]] | None,
+            Field(None, min_length=1, description=f"this method's own {what} grid (default: train.{name})"),
+        )
+        validators[f"_grid_{name}"] = field_validator(name, mode="before")(
+            classmethod(lambda cls, v: v if v is None or isinstance(v, list) else [v])
         )
     return create_model(
         f"{hp_model.__name__}Grid",
@@ -282,6 +297,8 @@ class Study:
     def tuning_cells(self, dataset: str, method: str) -> list["CellSpec"]:
         """Cells of one (dataset, method), in listed order: method grid x lr x wd."""
         t, d = self.cfg.train, self.cfg.data
+        grid = getattr(self.cfg.methods, method)
+        lrs, wds = grid.lr or t.lr, grid.weight_decay or t.weight_decay
         return [
             CellSpec(
                 dataset=dataset,
@@ -309,8 +326,8 @@ class Study:
                 seed=t.tune_seed,
             )
             for hp in self.method_grid(method)
-            for lr in t.lr
-            for wd in t.weight_decay
+            for lr in lrs
+            for wd in wds
         ]
 
     def final_cell(self, chosen: "CellSpec", seed: int) -> "CellSpec":

@@ -105,3 +105,12 @@ def test_schema_accepts_shipped_configs_and_rejects_typos(demo):
     demo["train"]["learning_rate"] = [0.1]
     with pytest.raises(WorkflowError):
         validate(demo, schema)
+
+
+def test_per_method_optimiser_grid_overrides_the_shared_one(demo):
+    demo["methods"]["full"] = {"lr": [1e-4, 5e-4]}
+    study = load_study(demo)
+    assert [c.lr for c in study.tuning_cells("digits", "full")] == [1e-4, 5e-4]
+    assert [c.lr for c in study.tuning_cells("digits", "lora")] == [0.001, 0.01, 0.001, 0.01]
+    demo["methods"]["full"] = {"lr": [0]}
+    assert error_of(demo).startswith("methods.full.lr[0]: ")

@@ -1,7 +1,11 @@
 # The only place with Python helpers: config validation, cell expansion,
 # wildcard constraints and input functions.
 import json
-import shlex
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -104,3 +108,38 @@ def report_files():
         f"{REPORT}/{name}"
         for name in ("summary.md", "summary.csv", "results.parquet", "index.html")
     ]
+
+
+def start_fork_server(log):
+    """Local runs: one `peft-core serve` process spares every cell ~4 s of imports.
+
+    Jobs find it through $PEFT_CORE_SERVER and fall back to running in-process
+    while it starts or if it is gone. Off under cluster executors, under conda
+    deployment (jobs must use their own environment) and with PEFT_CORE_NO_SERVER=1.
+    """
+    if (
+        not workflow.local_exec
+        or os.environ.get("PEFT_CORE_NO_SERVER")
+        or workflow.deployment_settings.deployment_method
+    ):
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="peft-core-"))
+    sock = tmp / "server.sock"
+    cmd = [sys.executable, "-m", "peft_core.cli", "serve", "--socket", str(sock)]
+    cmd += ["--parent-pid", str(os.getpid())]
+    with open(tmp / "server.log", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    os.environ["PEFT_CORE_SERVER"] = str(sock)
+    FORK_SERVER.update(proc=proc, tmp=tmp)
+
+
+def stop_fork_server():
+    proc = FORK_SERVER.pop("proc", None)
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(FORK_SERVER.pop("tmp"), ignore_errors=True)
+        os.environ.pop("PEFT_CORE_SERVER", None)
+
+
+FORK_SERVER = {}
