@@ -257,6 +257,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_params)
 
+    s = sub.add_parser("merge", help="fold a trained cell into a plain timm checkpoint")
+    s.add_argument("--cell", required=True, help="cell directory (spec.json + trainable.safetensors)")
+    s.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: the one in spec.json)")
+    s.add_argument("--out", required=True, help="output .safetensors")
+    s.set_defaults(fn=cmd_merge)
+
     s = sub.add_parser("serve", help="fork server: import torch/timm once, run forwarded commands")
     s.add_argument("--socket", required=True, help="Unix socket path")
     s.add_argument("--idle-timeout", type=float, default=900.0, help="exit after this many idle seconds")
@@ -267,6 +273,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(fn=cmd_methods)
     return p
+
+
+def cmd_merge(a) -> int:
+    from .merge import merge_cell
+
+    print(json.dumps(merge_cell(a.cell, a.out, a.checkpoint)))
+    return 0
 
 
 def cmd_serve(a) -> int:

@@ -144,7 +144,7 @@ def grid_model(hp_model: type[BaseModel]) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     validators: dict[str, Any] = {}
     for name, info in hp_model.model_fields.items():
-        item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        item = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         seq = _is_sequence(info.annotation)
         fields[name] = (
             list[item],

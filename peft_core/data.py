@@ -9,8 +9,6 @@ corrupt image fails here, with its path, never mid-training.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .results import write_torch
 
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
 
@@ -74,15 +73,7 @@ def build_cache(root: str | Path, dataset: str, split: str, size: int, num_class
 
 
 def save_atomic(obj: object, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_torch(out, obj)
 
 
 def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:

@@ -1,7 +1,8 @@
 """Atomic writers and the on-disk layout of one cell's outputs.
 
 A cell directory holds ``spec.json`` (what ran), ``predictions.parquet``
-(per-sample label, prediction, logits) and ``metrics.json`` (written last:
+(per-sample label, prediction, logits), ``trainable.safetensors`` (the
+trained tensors, for merging) and ``metrics.json`` (written last:
 its presence means the cell finished). Every file is written to a temporary
 name in the same directory and renamed, so a killed job never leaves a
 half-written file under the final name.
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 SPEC, METRICS, PREDICTIONS = "spec.json", "metrics.json", "predictions.parquet"
+# Trained tensors of the cell (every parameter that trained, head included).
+WEIGHTS = "trainable.safetensors"
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -54,6 +57,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_parquet(path: str | Path, frame: "Any") -> None:
     _atomic(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_torch(path: str | Path, obj: Any) -> None:
+    import torch
+
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def read_json(path: str | Path) -> Any:

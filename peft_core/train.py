@@ -25,7 +25,7 @@ from .data import load_split, to_float
 from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
-from .results import METRICS, PREDICTIONS, SPEC, write_json, write_parquet
+from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors
 
 
 def lr_at(step: int, steps_per_epoch: int, spec: CellSpec) -> float:
@@ -197,6 +197,11 @@ def run_cell(
         "torch": torch.__version__,
         "peft_core": __version__,
     }
+    write_safetensors(
+        out_dir / WEIGHTS,
+        {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+        metadata={"spec": spec.canonical_json()},
+    )
     write_json(out_dir / SPEC, spec.model_dump(mode="json"))
     write_json(out_dir / METRICS, metrics)
     log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: {outcome.status} {spec.eval_split} acc {accuracy:.4f}")

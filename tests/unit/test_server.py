@@ -10,13 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from peft_core.config import BackboneSpec, CellSpec
-from peft_core.data import save_atomic
-
-from ..methods.checks import TINY, tiny_model
+from .. import toycell
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,23 +47,11 @@ def test_input_error_is_forwarded_with_exit_status(server, tmp_path):
 
 
 def test_forwarded_cell_equals_in_process_cell(server, tmp_path):
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 64), ("eval", 32)):
-        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-        save_atomic({"images": images, "labels": torch.arange(n) % 3}, tmp_path / f"{split}.pt")
-    state = {k: v for k, v in tiny_model("vit").state_dict().items() if not k.startswith("head.")}
-    save_file(state, str(tmp_path / "backbone.safetensors"))
-    spec = CellSpec(
-        dataset="toy", num_classes=3, train_split="train800", eval_split="val200", image_size=32, normalize="none",
-        backbone=BackboneSpec(model="vit_tiny_patch16_224", checkpoint="backbone.safetensors", kwargs=TINY),
-        method="lora", hparams={"rank": 2}, lr=1e-2, weight_decay=1e-4, epochs=2, warmup_epochs=1,
-        warmup_lr_init=1e-6, lr_min=1e-5, batch_size=16, eval_batch_size=64, drop_path=0.1, seed=0,
-    )  # fmt: skip
+    toycell.write_inputs(tmp_path)
+    cell = toycell.spec("lora", {"rank": 2})
     runs = {}
     for name, sock in (("direct", None), ("served", server)):
-        args = ["train", "--spec-json", spec.canonical_json(), "--train-data", "train.pt", "--eval-data", "eval.pt"]
-        args += ["--checkpoint", "backbone.safetensors", "--out", name, "--threads", "1", "--device", "cpu"]
-        out = peft(args, sock, tmp_path)
+        out = peft(toycell.train_args(cell, name), sock, tmp_path)
         assert out.returncode == 0, out.stderr
         assert "acc" in out.stderr  # the child's stderr reached the client's
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())

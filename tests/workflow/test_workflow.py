@@ -8,7 +8,6 @@ only the edited method's cells, and the HTML report as a browser shows it.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest

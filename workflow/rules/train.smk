@@ -5,6 +5,7 @@ rule train_cell:
         metrics=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/metrics.json",
         predictions=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/predictions.parquet",
         spec=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/spec.json",
+        weights=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/trainable.safetensors",
     log:
         f"{LOGS}/train_cell/{{dataset}}/{{method}}/{{cell}}.log",
     group:

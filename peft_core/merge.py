@@ -1,0 +1,67 @@
+"""Fold a trained cell into a plain timm checkpoint (``peft-core merge``).
+
+The cell is rebuilt from its ``spec.json`` and the backbone checkpoint, its
+trained tensors are loaded, the method's ``merge`` folds them into the
+backbone, and the result must load strictly into a freshly created timm model
+of the same architecture (no package code needed to use it). Before writing,
+merged and unmerged logits are compared on a random batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import backbones
+from .config import CellSpec
+from .errors import InputError
+from .methods import get_method
+from .results import SPEC, WEIGHTS, read_json, write_safetensors
+from .train import build_model
+
+
+def load_cell_model(cell_dir: Path, checkpoint: str | Path | None) -> tuple[CellSpec, torch.nn.Module]:
+    """The trained model of one cell: backbone + method + the cell's trained tensors."""
+    for name in (SPEC, WEIGHTS):
+        if not (cell_dir / name).is_file():
+            raise InputError(f"{cell_dir / name}: not found (is this a finished cell directory?)")
+    spec = CellSpec.model_validate(read_json(cell_dir / SPEC))
+    model = build_model(spec, checkpoint or spec.backbone.checkpoint, torch.device("cpu"))
+    from safetensors.torch import load_file
+
+    trained = load_file(str(cell_dir / WEIGHTS))
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or wanted - set(trained):
+        raise InputError(
+            f"{cell_dir / WEIGHTS}: does not match {spec.method} on {spec.backbone.model} "
+            f"(missing {sorted(wanted - set(trained))[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    return spec, model.eval()
+
+
+@torch.no_grad()
+def merge_cell(cell_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    cell_dir = Path(cell_dir)
+    spec = CellSpec.model_validate(read_json(cell_dir / SPEC)) if (cell_dir / SPEC).is_file() else None
+    if spec is not None and not get_method(spec.method).mergeable:
+        raise InputError(
+            f"{spec.method}: not mergeable (it adds modules or tokens that can not be folded into the "
+            "backbone's weights); use the cell's trainable.safetensors with peft_core instead"
+        )
+    spec, model = load_cell_model(cell_dir, checkpoint)
+    size = spec.image_size
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = model(x)
+    merged = get_method(spec.method).merge(model)
+    plain = backbones.create(spec.backbone.model, spec.num_classes, 0.0, **spec.backbone.kwargs)
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    try:
+        plain.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{spec.method}: merged model is not a plain {spec.backbone.model}: {err}") from None
+    diff = (plain.eval()(x) - before).abs().max().item()
+    write_safetensors(out, state, metadata={"spec": spec.canonical_json(), "merged_from": str(cell_dir)})
+    return {"out": str(out), "method": spec.method, "model": spec.backbone.model, "max_abs_diff": diff}

@@ -1,0 +1,54 @@
+"""``peft-core merge``: a trained cell becomes a checkpoint plain timm loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peft_core.errors import InputError
+from peft_core.merge import merge_cell
+from peft_core.train import run_cell
+
+from .. import toycell
+
+# Loads the merged file with timm + safetensors only (no peft_core import).
+PLAIN_TIMM = """
+import json, sys, timm, torch
+from safetensors.torch import load_file
+kwargs = json.loads(sys.argv[2])
+m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **kwargs)
+m.load_state_dict(load_file(sys.argv[1]), strict=True)
+images = torch.load(sys.argv[3], weights_only=True)["images"].float() / 255
+print(json.dumps(m.eval()(images).argmax(1).tolist()))
+assert "peft_core" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("method, hp", [("lora", {"rank": 2, "targets": ["q", "v", "fc1"]}), ("bitfit", {})])
+def test_merged_cell_loads_in_plain_timm_and_predicts_the_same(tmp_path, monkeypatch, method, hp):
+    monkeypatch.chdir(tmp_path)
+    toycell.write_inputs(tmp_path)
+    cell = toycell.spec(method, hp)
+    run_cell(cell, "train.pt", "eval.pt", "backbone.safetensors", "cell", threads=1, device="cpu", log=lambda m: None)
+    info = merge_cell("cell", tmp_path / "merged.safetensors")
+    assert info["max_abs_diff"] <= 1e-5
+    import pandas as pd
+
+    preds = pd.read_parquet(tmp_path / "cell" / "predictions.parquet")["pred"].tolist()
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, "merged.safetensors", json.dumps(cell.backbone.kwargs), "eval.pt"],
+        capture_output=True, text=True, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout) == preds
+
+
+def test_non_mergeable_method_says_so(tmp_path, monkeypatch):
+    pytest.importorskip("peft_core.methods.vpt_deep")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "spec.json").write_text(toycell.spec("vpt_deep", {}).canonical_json())
+    with pytest.raises(InputError, match="vpt_deep: not mergeable"):
+        merge_cell("cell", tmp_path / "x.safetensors")
