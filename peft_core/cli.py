@@ -257,6 +257,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_params)
 
+    s = sub.add_parser("param-table", help="Markdown table of trainable parameters at the reference grids")
+    s.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name")
+    s.add_argument("--grids", default="config/method_grids", help="directory of <method>.yaml grids")
+    s.add_argument("--out", default=None, help="output .md (default: stdout)")
+    s.set_defaults(fn=cmd_param_table)
+
     s = sub.add_parser("merge", help="fold a trained cell into a plain timm checkpoint")
     s.add_argument("--cell", required=True, help="cell directory (spec.json + trainable.safetensors)")
     s.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: the one in spec.json)")
@@ -273,6 +279,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(fn=cmd_methods)
     return p
+
+
+def cmd_param_table(a) -> int:
+    from .paramtable import render
+    from .results import write_text
+
+    text = render(a.backbone, Path(a.grids))
+    if a.out:
+        write_text(a.out, text)
+    else:
+        print(text, end="")
+    return 0
 
 
 def cmd_merge(a) -> int:
