@@ -1,0 +1,53 @@
+"""Pfeiffer adapter (Pfeiffer et al., 2021): a bottleneck adapter after each block's MLP.
+
+Every block's MLP output ``h`` becomes ``h + s * up(dropout(relu(down(h))))``,
+inside the residual branch, before the block's layer-scale ``ls2`` and
+drop-path (the reference study's ``ft_mlp_mode: sequential_after``). On
+ViT-B/16 it trains ``12 * (2 * 768 b + b + 768) = 18,444 b + 9,216``
+parameters. ``init`` picks the reference's zero / random (xavier) / LoRA-style
+variants (its ``zero_adapter``, ``rand_p_adapter``, ``lora_p_adapter``).
+
+Not mergeable: the ReLU between the down- and up-projection makes the update
+a nonlinear function of the features, so it can not be folded into the
+frozen linear weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._adapter import (
+    BottleneckAdapter,
+    Init,
+    SequentialAdapter,
+    bottleneck_field,
+    dropout_field,
+    embed_dim,
+    factory_kwargs,
+    init_field,
+    scaler_field,
+    vit_blocks,
+)
+from ._common import freeze_all
+from ._registry import HParams, register_method
+
+
+class AdapterHP(HParams):
+    bottleneck: int = bottleneck_field(8)
+    init: Init = init_field("lora_xavier")
+    scaler: float = scaler_field(1.0)
+    dropout: float = dropout_field()
+
+
+def apply(model: nn.Module, hp: AdapterHP) -> nn.Module:
+    freeze_all(model)
+    dim = embed_dim(model)
+    for block in vit_blocks(model):
+        adapter = BottleneckAdapter(
+            dim, hp.bottleneck, hp.init, hp.scaler, hp.dropout, **factory_kwargs(block.mlp)
+        )
+        block.mlp = SequentialAdapter(block.mlp, adapter)
+    return model
+
+
+METHOD = register_method("adapter", AdapterHP, apply, merge=None)

@@ -1,0 +1,55 @@
+"""Houlsby adapter (Houlsby et al., 2019): bottleneck adapters after attention and after the MLP.
+
+In every block, the attention output ``a`` becomes ``a + s * A1(a)`` and the
+MLP output ``h`` becomes ``h + s * A2(h)``, each inside its residual branch,
+before the block's layer-scale (``ls1``/``ls2``) and drop-path (the reference
+study's ``rand_h_adapter``: ``sequential_after`` on both sub-layers), with
+``A(x) = up(dropout(relu(down(x))))``. On ViT-B/16 it trains
+``24 * (2 * 768 b + b + 768) = 36,888 b + 18,432`` parameters.
+
+Not mergeable: the ReLU between the down- and up-projection makes the update
+a nonlinear function of the features, so it can not be folded into the
+frozen linear weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._adapter import (
+    BottleneckAdapter,
+    Init,
+    SequentialAdapter,
+    bottleneck_field,
+    dropout_field,
+    embed_dim,
+    factory_kwargs,
+    init_field,
+    scaler_field,
+    vit_blocks,
+)
+from ._common import freeze_all
+from ._registry import HParams, register_method
+
+
+class HoulsbyHP(HParams):
+    bottleneck: int = bottleneck_field(8)
+    init: Init = init_field("xavier")
+    scaler: float = scaler_field(1.0)
+    dropout: float = dropout_field()
+
+
+def apply(model: nn.Module, hp: HoulsbyHP) -> nn.Module:
+    freeze_all(model)
+    dim = embed_dim(model)
+    for block in vit_blocks(model):
+        for part in ("attn", "mlp"):
+            base = getattr(block, part)
+            adapter = BottleneckAdapter(
+                dim, hp.bottleneck, hp.init, hp.scaler, hp.dropout, **factory_kwargs(base)
+            )
+            setattr(block, part, SequentialAdapter(base, adapter))
+    return model
+
+
+METHOD = register_method("houlsby", HoulsbyHP, apply, merge=None)
