@@ -214,7 +214,9 @@ def study_model() -> type[BaseModel]:
 def _scalar_or_list(node: Any) -> Any:
     """Grid fields accept a scalar (one value) or a list (an axis): say so in the schema."""
     if isinstance(node, dict):
-        node = {k: _scalar_or_list(v) for k, v in node.items()}
+        # A null default would make snakemake.utils.validate(set_default=True)
+        # insert None and then walk an object schema into it.
+        node = {k: _scalar_or_list(v) for k, v in node.items() if not (k == "default" and v is None)}
         if node.pop("x-grid", False):
             array = {k: v for k, v in node.items() if k not in ("title", "description", "default")}
             keep = {k: node[k] for k in ("title", "description", "default") if k in node}
