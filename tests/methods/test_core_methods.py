@@ -118,3 +118,14 @@ def test_bad_hyper_parameters_name_the_field(name, hp, field):
 def test_unknown_method_lists_known():
     with pytest.raises(InputError, match="unknown method 'lorax'.*lora"):
         get_method("lorax")
+
+
+def test_parameter_table_in_docs_is_up_to_date():
+    from pathlib import Path
+
+    from peft_core.paramtable import render
+
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "docs" / "method_params.md").read_text() == render(
+        "vit_base_patch16_224", repo / "config" / "method_grids"
+    ), "regenerate: peft-core param-table --out docs/method_params.md"
