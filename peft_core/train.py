@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import __version__, backbones
 from .config import CellSpec
+from .errors import InputError
 from .data import load_split, to_float
 from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
@@ -46,12 +47,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def apply_method(method, model: torch.nn.Module, hp) -> torch.nn.Module:
+    """``method.apply``, with "does not fit this backbone" errors as one-line input errors."""
+    try:
+        return method.apply(model, hp)
+    except (ValueError, TypeError, IndexError) as err:
+        raise InputError(f"methods.{method.name}: {err}") from None
+
+
 def build_model(spec: CellSpec, checkpoint: str | Path | None, device: torch.device) -> torch.nn.Module:
     """Backbone from the checkpoint, new head, then the method applied."""
     method = get_method(spec.method)
     hp = method.hparams(**spec.hparams)
     model = backbones.build(spec.backbone.model, checkpoint, spec.num_classes, spec.drop_path, spec.backbone.kwargs)
-    method.apply(model, hp)
+    apply_method(method, model, hp)
     unfreeze_head(model)
     return model.to(device)
 
@@ -183,7 +192,7 @@ def run_cell(
         "final_train_loss": outcome.final_loss,
         "trainable_params": trainable,
         "head_params": count_head(model),
-        "backbone_params": count_backbone(model),
+        "params_excl_head": count_backbone(model),  # frozen backbone + the method's modules
         "ppt": ppt(accuracy, trainable) if outcome.status == "ok" else float("nan"),
         "trainable_tensors": trainable_names(model),
         "images_per_s": outcome.images / train_time if train_time > 0 else float("nan"),
