@@ -139,6 +139,21 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_ensembles(a) -> int:
+    from .ensemble_report import build_ensembles
+
+    if not 0.0 < a.confident_q <= 1.0:
+        raise InputError(f"--confident-q {a.confident_q}: must be in (0, 1]")
+    for path in [*a.tables, *(a.selections or [])]:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+    results = Path(a.results) if a.results else Path("results") / a.study
+    rows = build_ensembles(a.study, [Path(t) for t in a.tables], Path(a.out_dir), results,
+                           [Path(s) for s in a.selections or []], a.confident_q)
+    print(f"{a.out_dir}: {len(rows)} ensemble rows")
+    return 0
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -254,6 +269,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tables", nargs="+", required=True)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("ensembles", help="prediction diversity and ensembles of the methods (needs >= 2 methods)")
+    s.add_argument("--study", required=True)
+    s.add_argument("--tables", nargs="+", required=True, help="per-data-set tables from `aggregate`")
+    s.add_argument("--selections", nargs="*", default=[], help="selection JSON files (the chosen tuning cells)")
+    s.add_argument("--results", default=None, help="study results directory holding cells/ (default: results/<study>)")
+    s.add_argument("--confident-q", type=float, default=0.2, help="fraction of most confident samples compared")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(fn=cmd_ensembles)
 
     s = sub.add_parser("params", help="trainable-parameter count of a method on a timm model (random weights)")
     s.add_argument("--backbone", required=True)

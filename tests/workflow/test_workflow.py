@@ -35,7 +35,7 @@ def test_first_run_schedules_every_stage(study):
     names = rules(study["jobs"])
     # 1 linear + 2 lora tuning cells, then one final seed each
     assert names.count("train_cell") == 5
-    assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report"} <= set(names)
+    assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report", "analyse_ensembles"} <= set(names)
 
 
 def test_report_files_and_tables(study):
@@ -53,6 +53,17 @@ def test_report_files_and_tables(study):
     assert "| linear" in summary and "| lora" in summary and "PPT" in summary
 
 
+def test_ensembles_report(study):
+    report = study["report"]
+    for name in ("ensembles.md", "ensembles.html", "ensembles.parquet", "diversity.parquet"):
+        assert (report / name).stat().st_size > 0, name
+    rows = pd.read_parquet(report / "ensembles.parquet")
+    assert set(rows.loc[rows.stage == "tune", "split"]) == {"val200"}
+    assert set(rows.loc[rows.stage == "final", "split"]) == {"test"} and set(rows.seed) == {0}
+    assert set(pd.read_parquet(report / "diversity.parquet").method_b) == {"lora"}
+    assert "<script" not in (report / "ensembles.html").read_text().lower()
+
+
 def test_unchanged_rerun_schedules_zero_jobs(study):
     assert run_in_subprocess(study["work"], study["config"], dryrun=True) == []
 
@@ -66,7 +77,7 @@ def test_grid_edit_schedules_only_that_methods_cells(study, tmp_path):
     trained = [j for j in jobs if j["rule"] == "train_cell"]
     assert len(trained) == 1, trained  # the new rank-4 tuning cell; final runs wait for selection
     assert all("/lora/" in out for j in trained for out in j["output"])
-    assert {j["rule"] for j in jobs} <= {"train_cell", "select_config", "aggregate_dataset", "build_report", "all"}
+    assert {j["rule"] for j in jobs} <= {"train_cell", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all"}
     selections = [out for j in jobs if j["rule"] == "select_config" for out in j["output"]]
     assert selections and all(out.endswith("/lora.json") for out in selections)
 

@@ -110,6 +110,14 @@ def report_files():
     ]
 
 
+def ensemble_files():
+    """Outputs of analyse_ensembles: the analysis needs two methods, else only a note."""
+    names = ["ensembles.md"]
+    if len(METHODS) >= 2:
+        names += ["ensembles.html", "ensembles.parquet", "diversity.parquet"]
+    return [f"{REPORT}/{name}" for name in names]
+
+
 def start_fork_server(log):
     """Local runs: one `peft-core serve` process spares every cell ~4 s of imports.
 
