@@ -174,3 +174,27 @@ def serve(path: str | Path, idle_timeout: float = 900.0, parent_pid: int | None 
     finally:
         srv.close()
         path.unlink(missing_ok=True)
+
+
+class Background:
+    """A ``peft-core serve`` process advertised to child processes via $PEFT_CORE_SERVER."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import tempfile
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="peft-core-"))
+        sock = self.tmp / "server.sock"
+        cmd = [sys.executable, "-m", "peft_core.cli", "serve", "--socket", str(sock), "--parent-pid", str(os.getpid())]
+        with open(self.tmp / "server.log", "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        # Jobs started from now on find it; until it listens they run in-process.
+        os.environ[ENV_VAR] = str(sock)
+
+    def stop(self) -> None:
+        import shutil
+
+        os.environ.pop(ENV_VAR, None)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -18,7 +18,10 @@ CONFIGS = sorted((REPO / "config").glob("*.yaml")) + sorted((REPO / "tests" / "c
 
 @pytest.fixture
 def demo() -> dict:
-    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["methods"]["lora"] = {"rank": [1, 8]}  # the tests below assume the shared lr grid
+    raw["train"]["lr"] = [0.001, 0.01]
+    return raw
 
 
 def error_of(cfg: dict) -> str:
@@ -77,7 +80,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_scalar_is_a_one_point_grid(demo):
-    demo["methods"]["lora"]["rank"] = 4
+    demo["methods"]["lora"] = {"rank": 4}
     study = load_study(demo)
     assert [c.hparams["rank"] for c in study.tuning_cells("digits", "lora")] == [4, 4]  # x 2 lr
 

@@ -1,11 +1,6 @@
 # The only place with Python helpers: config validation, cell expansion,
 # wildcard constraints and input functions.
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -13,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from peft_core.config import CellSpec, load_study
 from peft_core.errors import InputError
 from peft_core.methods import get_method
+from peft_core.server import Background
 
 try:
     STUDY = load_study(config)
@@ -123,31 +119,20 @@ def start_fork_server(log):
 
     Jobs find it through $PEFT_CORE_SERVER and fall back to running in-process
     while it starts or if it is gone. Off under cluster executors, under conda
-    deployment (jobs must use their own environment) and with PEFT_CORE_NO_SERVER=1.
+    deployment (jobs must use their own environment) and with compute.fork_server: false.
     """
     if (
-        not workflow.local_exec
-        or os.environ.get("PEFT_CORE_NO_SERVER")
-        or workflow.deployment_settings.deployment_method
+        workflow.local_exec
+        and CFG.compute.fork_server
+        and not workflow.deployment_settings.deployment_method
     ):
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="peft-core-"))
-    sock = tmp / "server.sock"
-    cmd = [sys.executable, "-m", "peft_core.cli", "serve", "--socket", str(sock)]
-    cmd += ["--parent-pid", str(os.getpid())]
-    with open(tmp / "server.log", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-    os.environ["PEFT_CORE_SERVER"] = str(sock)
-    FORK_SERVER.update(proc=proc, tmp=tmp)
+        FORK_SERVER["server"] = Background()
 
 
 def stop_fork_server():
-    proc = FORK_SERVER.pop("proc", None)
-    if proc is not None:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(FORK_SERVER.pop("tmp"), ignore_errors=True)
-        os.environ.pop("PEFT_CORE_SERVER", None)
+    server = FORK_SERVER.pop("server", None)
+    if server is not None:
+        server.stop()
 
 
 FORK_SERVER = {}
