@@ -92,7 +92,7 @@ def final_table(results: pd.DataFrame, study: Study) -> pd.DataFrame:
                 "dataset": dataset,
                 "group": g.group.iloc[0],
                 "mean": acc.mean() if len(ok) else math.nan,
-                "std": acc.std(ddof=1) if len(ok) > 1 else (0.0 if len(ok) else math.nan),
+                "std": acc.std(ddof=1) if len(ok) > 1 else math.nan,  # one seed: no spread to report
                 "seeds": len(g),
                 "diverged": int((g.status != "ok").sum()),
                 "trainable_params": int(g.trainable_params.iloc[0]),
@@ -118,21 +118,27 @@ def summary_frame(results: pd.DataFrame, study: Study) -> pd.DataFrame:
             row[g] = pd.Series([row[d] for d in datasets if study.cfg.datasets[d].group == g]).mean()
         row["mean"] = pd.Series([row[d] for d in datasets]).mean()
         params = pm.trainable_params.reindex(datasets).mean()
+        row["params"] = params
         row["params_m"] = params / 1e6
         row["ppt"] = ppt(row["mean"] / 100, params) if not math.isnan(row["mean"]) else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def selection_frame(results: pd.DataFrame) -> pd.DataFrame:
+def selection_frame(results: pd.DataFrame, study: Study | None = None) -> pd.DataFrame:
+    """The chosen configuration per (dataset, method), in config order, with its grid's spread."""
     tune = results[results.selected]
+    if study is not None:
+        rank = {(d, m): i for i, (d, m) in enumerate((d, m) for d in study.dataset_names() for m in study.method_names())}
+        tune = tune.assign(_o=[rank.get((d, m), len(rank)) for d, m in zip(tune.dataset, tune.method)])
+        tune = tune.sort_values("_o").drop(columns="_o")
     cols = ["dataset", "method", "hparams", "lr", "weight_decay", "accuracy", "trainable_params", "eval_split"]
     out = tune[cols].rename(columns={"accuracy": "val_accuracy", "eval_split": "selected_on"}).copy()
     out["val_accuracy"] = out.val_accuracy * 100
     grid = results[results.stage == "tune"].groupby(["dataset", "method"]).accuracy
     spread = (grid.max() - grid.min()).mul(100).rename("grid_spread").reset_index()
     size = grid.size().rename("grid_size").reset_index()
-    return out.merge(size, on=["dataset", "method"]).merge(spread, on=["dataset", "method"])
+    return out.merge(size, on=["dataset", "method"], sort=False).merge(spread, on=["dataset", "method"], sort=False)
 
 
 # ------------------------------------------------------------------ rendering
@@ -142,6 +148,11 @@ def _fmt(v: Any, digits: int = 2) -> str:
     if isinstance(v, float):
         return "–" if math.isnan(v) else f"{v:.{digits}f}"
     return str(v)
+
+
+def _params_m(params: float) -> str:
+    """Millions with 4 significant digits: 85.8, 0.2949, 0.002944 (PEFT counts span 5 decades)."""
+    return "–" if math.isnan(params) else f"{params / 1e6:.4g}"
 
 
 def _md_table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> str:
@@ -158,14 +169,14 @@ def _cell_text(per: pd.DataFrame, method: str, dataset: str) -> str:
     if hit.empty:
         return "–"
     r = hit.iloc[0]
-    text = f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}"
+    text = _fmt(r["mean"], 1) + ("" if math.isnan(r["std"]) else f" ± {_fmt(r['std'], 1)}")
     return text + (f" ({r['diverged']} div.)" if r["diverged"] else "")
 
 
 def render_markdown(results: pd.DataFrame, study: Study) -> str:
     per = final_table(results, study)
     summ = summary_frame(results, study)
-    sel = selection_frame(results)
+    sel = selection_frame(results, study)
     datasets = [c for c in summ.columns if c in study.cfg.datasets]
     groups = [g for g in GROUP_ORDER if g in summ.columns]
     cfg = study.cfg
@@ -191,7 +202,7 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
                 *[_cell_text(per, r.method, d) for d in datasets],
                 *[_fmt(r[g]) for g in groups],
                 _fmt(r["mean"]),
-                _fmt(r.params_m, 4),
+                _params_m(r.params),
                 _fmt(r.ppt),
             ]
         )
@@ -199,7 +210,7 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     lines += ["## Selected configurations (validation accuracy, %)", ""]
     srows = [
         [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}", _fmt(r.grid_spread, 1)]
-        for r in sel.sort_values(["dataset", "method"]).itertuples()
+        for r in sel.itertuples()
     ]
     lines += [
         _md_table(["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread"], srows, 3),
@@ -216,6 +227,20 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _label_position(
+    cx: float, cy: float, n_chars: int, placed: list[tuple[float, float, float, float]]
+) -> tuple[float, float]:
+    """First label position beside a point that overlaps no label placed before (greedy)."""
+    w, h = 6.2 * n_chars, 11.0
+    for dy in (-6, 14, -18, 26, -30, 38, -42, 50):
+        box = (cx + 8, cy + dy - h + 2, cx + 8 + w, cy + dy + 2)
+        if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+            placed.append(box)
+            return box[0], cy + dy
+    placed.append((cx + 8, cy - 6 - h + 2, cx + 8 + w, cy - 4))
+    return cx + 8, cy - 6
 
 
 def _svg_scatter(summ: pd.DataFrame) -> str:
@@ -241,12 +266,14 @@ def _svg_scatter(summ: pd.DataFrame) -> str:
         parts.append(f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
     parts.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">trainable parameters (excl. head, log scale)</text>')
     parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">mean test accuracy (%)</text>')
-    for (_, r), x in zip(pts.iterrows(), lx):
+    placed: list[tuple[float, float, float, float]] = []
+    for (_, r), x in sorted(zip(pts.iterrows(), lx), key=lambda item: item[1]):
         cx, cy = sx(x), sy(r["mean"])
         name = html.escape(r.method)
+        lx0, ly = _label_position(cx, cy, len(r.method), placed)
         parts.append(
             f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" class="pt"><title>{name}: {r["mean"]:.2f}% at '
-            f'{r.params_m:.4f} M params</title></circle><text x="{cx + 8:.1f}" y="{cy - 6:.1f}">{name}</text>'
+            f'{int(round(r.params)):,} params</title></circle><text x="{lx0:.1f}" y="{ly:.1f}">{name}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -277,12 +304,21 @@ def _html_table(frame: pd.DataFrame, best_cols: list[str] | None = None, digits:
 
 def render_html(results: pd.DataFrame, study: Study) -> str:
     summ = summary_frame(results, study)
-    sel = selection_frame(results)
+    sel = selection_frame(results, study)
     cfg = study.cfg
-    shown = summ.rename(columns={"params_m": "params (M)", "ppt": "PPT"})
+    shown = summ.drop(columns=["params_m"]).rename(columns={"ppt": "PPT"})
+    shown["params"] = shown["params"].map(_params_m)
+    shown = shown.rename(columns={"params": "params (M)"})
     acc_cols = [c for c in shown.columns if c not in ("method", "params (M)")]
-    sel_shown = sel.sort_values(["dataset", "method"]).rename(
+    sel_shown = sel.rename(
         columns={"val_accuracy": "val acc (%)", "trainable_params": "trainable", "weight_decay": "wd"}
+    ).assign(lr=lambda f: f.lr.map("{:g}".format), wd=lambda f: f.wd.map("{:g}".format))
+    sel_shown["trainable"] = sel_shown.trainable.map("{:,}".format)
+    more = (
+        '<p class="note">Prediction diversity and ensembles of these methods: '
+        '<a href="ensembles.html">ensembles.html</a>.</p>'
+        if len(study.method_names()) >= 2
+        else ""
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
@@ -299,6 +335,7 @@ Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1
 <h2>Selected configurations</h2>
 {_html_table(sel_shown)}
 <p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>
+{more}
 </body></html>
 """
 
