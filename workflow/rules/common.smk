@@ -10,6 +10,10 @@ from peft_core.errors import InputError
 from peft_core.methods import get_method
 from peft_core.server import Background
 
+if not config:
+    raise WorkflowError(
+        "no study config: run with --profile profiles/local (the demo) or --configfile config/<study>.yaml"
+    )
 try:
     STUDY = load_study(config)
 except InputError as err:
