@@ -38,6 +38,32 @@ class Method:
     def mergeable(self) -> bool:
         return self.merge is not None
 
+    @property
+    def code_files(self) -> list[Path]:
+        """The method's file plus the private helper modules it imports, transitively.
+
+        The workflow declares these as inputs of the method's cells, so editing
+        ``_adapter.py`` reruns the adapter methods' cells and nothing else.
+        """
+        return _local_imports(self.source)
+
+
+def _local_imports(path: Path) -> list[Path]:
+    """``path`` and every sibling module reached by relative imports (``from ._x import``)."""
+    import ast
+
+    seen: list[Path] = []
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in seen or not current.is_file():
+            continue
+        seen.append(current)
+        for node in ast.walk(ast.parse(current.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(current.parent / f"{node.module}.py")
+    return seen
+
 
 _METHODS: dict[str, Method] = {}
 

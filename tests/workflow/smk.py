@@ -1,14 +1,19 @@
 """Drive the workflow through ``snakemake.api`` and report which jobs ran.
 
 Run as a script in a fresh process (Snakemake and torch keep process-wide
-state): ``python -m tests.workflow.smk WORKDIR CONFIGFILE [--dryrun]`` prints
+state): ``python tests/workflow/smk.py WORKDIR CONFIGFILE [--dryrun]`` prints
 one JSON list of ``{"rule": ..., "output": [...]}`` for the jobs scheduled.
+
+A workdir made by :func:`copy_code` holds its own copy of ``workflow/`` and
+``peft_core/``; the workflow then runs (and imports) that copy, so tests can
+edit code there and watch what reruns, without touching the checkout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +35,18 @@ class _JobCollector(logging.Filter):
         return True
 
 
+def copy_code(workdir: Path) -> None:
+    """Copy the workflow and the core package into ``workdir`` (no caches)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("workflow", "peft_core"):
+        shutil.copytree(REPO / name, workdir / name, ignore=ignore)
+
+
 def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[dict]:
+    own_code = (workdir / "workflow" / "Snakefile").is_file()
+    snakefile = workdir / "workflow" / "Snakefile" if own_code else SNAKEFILE
+    if own_code:
+        sys.path.insert(0, str(workdir))  # the Snakefile imports peft_core: use the copy
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
@@ -48,7 +64,7 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[d
             resource_settings=ResourceSettings(cores=cores),
             config_settings=ConfigSettings(configfiles=[configfile]),
             storage_settings=StorageSettings(),
-            snakefile=SNAKEFILE,
+            snakefile=snakefile,
             workdir=workdir,
         )
         dag = wf.dag(DAGSettings())
@@ -60,10 +76,10 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[d
 
 
 def run_in_subprocess(workdir: Path, configfile: Path, dryrun: bool = False, timeout: float = 900) -> list[dict]:
-    cmd = [sys.executable, "-m", "tests.workflow.smk", str(workdir), str(configfile)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(workdir), str(configfile)]
     if dryrun:
         cmd.append("--dryrun")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,19 +1,22 @@
 """The workflow end to end on a miniature study, through ``snakemake.api``.
 
-One module-scoped run (about half a minute on 2 cores) feeds every test:
-report produced, unchanged rerun schedules nothing, a grid edit schedules
-only the edited method's cells, and the HTML report as a browser shows it.
+One module-scoped run (about half a minute on 2 cores), in a workdir with its
+own copy of the code, feeds every test: report produced, unchanged rerun
+schedules nothing, a grid edit or a method-file edit schedules only that
+method's cells, an engine edit every cell, and the HTML report as a browser
+shows it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pandas as pd
 import pytest
 import yaml
 
-from .smk import REPO, run_in_subprocess
+from .smk import REPO, copy_code, run_in_subprocess
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
@@ -21,6 +24,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("tiny_study")
+    copy_code(work)
     config = work / "tiny.yaml"
     shutil.copy(TINY, config)
     jobs = run_in_subprocess(work, config)
@@ -111,3 +115,48 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
     assert "linear" in text and "lora" in text and "PPT" in text
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     page.close()
+
+
+@pytest.fixture
+def touched(study):
+    """Edit a code file of the study's copy (a comment line); restore it after.
+
+    Snakemake compares checksums of small inputs, so a bare `touch` reruns
+    nothing; a real edit does.
+    """
+    changed = []
+
+    def touch(relative: str) -> None:
+        path = study["work"] / relative
+        stat, text = path.stat(), path.read_text()
+        changed.append((path, text, stat.st_atime, stat.st_mtime))
+        path.write_text(text + "\n# edited by a test\n")
+
+    yield touch
+    for path, text, atime, mtime in changed:
+        path.write_text(text)
+        os.utime(path, (atime, mtime))
+
+
+def trained_methods(jobs: list[dict]) -> set[str]:
+    return {out.split("/")[-3] for j in jobs if j["rule"] == "train_cell" for out in j["output"][:1]}
+
+
+def test_editing_a_method_file_reruns_only_its_cells(study, touched):
+    touched("peft_core/methods/lora.py")
+    jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
+    assert trained_methods(jobs) == {"lora"}
+    assert sum(j["rule"] == "train_cell" for j in jobs) == 2  # its 2 tuning cells; finals follow selection
+
+
+def test_editing_a_private_method_helper_reruns_its_users(study, touched):
+    touched("peft_core/methods/_targets.py")  # imported by lora, not by linear
+    jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
+    assert trained_methods(jobs) == {"lora"}
+
+
+def test_editing_engine_code_reruns_every_cell(study, touched):
+    touched("peft_core/train.py")
+    jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
+    assert trained_methods(jobs) == {"linear", "lora"}
+    assert sum(j["rule"] == "train_cell" for j in jobs) == 3  # every tuning cell

@@ -35,15 +35,11 @@ ENV = "../envs/peft-core.yaml"
 # Editing any of these reruns every training cell (shared engine code);
 # each method's own file reruns only that method's cells.
 ENGINE_CODE = [
-    str(REPO / "peft_core" / f)
-    for f in (
-        "train.py",
-        "backbones.py",
-        "data.py",
-        "methods/_common.py",
-        "methods/_targets.py",
-    )
+    str(REPO / "peft_core" / f) for f in ("train.py", "backbones.py", "data.py")
 ]
+# A method's own file and the private helpers it imports (e.g. _adapter.py):
+# editing them reruns only the cells of the methods that use them.
+METHOD_CODE = {m: [str(p) for p in get_method(m).code_files] for m in METHODS}
 
 
 wildcard_constraints:
@@ -87,7 +83,7 @@ def train_inputs(wildcards):
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
         "checkpoint": CFG.backbone.checkpoint,
-        "method_code": str(get_method(spec.method).source),
+        "method_code": METHOD_CODE[spec.method],
         "engine_code": ENGINE_CODE,
     }
 
