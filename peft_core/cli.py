@@ -73,9 +73,17 @@ def cmd_pretrain_demo(a) -> int:
 def cmd_cache(a) -> int:
     from .data import build_cache
 
-    n = build_cache(a.root, a.dataset, a.split, a.size, a.num_classes, a.out)
+    n = build_cache(a.root, a.dataset, a.split, a.size, a.num_classes, a.out, layout=a.layout)
     print(f"{a.out}: {n} images")
     return 0
+
+
+def cmd_prepare_vtab(a) -> int:
+    from .vtab import check_root
+
+    text, problems = check_root(a.root, a.datasets, full=a.full)
+    print(text)
+    return 1 if problems else 0
 
 
 def _spec(a):
@@ -235,7 +243,14 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(flag, required=True)
     s.add_argument("--size", type=int, required=True)
     s.add_argument("--num-classes", type=int, required=True)
+    s.add_argument("--layout", default="vtab", choices=["vtab", "imagefolder", "csv"], help="see peft_core/data.py")
     s.set_defaults(fn=cmd_cache)
+
+    s = sub.add_parser("prepare-vtab", help="check a processed VTAB-1k root (splits, sizes, labels, image files)")
+    s.add_argument("--root", required=True)
+    s.add_argument("--datasets", nargs="+", help="default: all 19")
+    s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
+    s.set_defaults(fn=cmd_prepare_vtab)
 
     s = sub.add_parser("train", help="train and evaluate one cell")
     g = s.add_mutually_exclusive_group(required=True)
@@ -300,6 +315,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors")
     s.set_defaults(fn=cmd_merge)
 
+    s = sub.add_parser("code-stamp", help="checksums of code files (the workflow's code dependency)")
+    s.add_argument("--files", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_code_stamp)
+
     s = sub.add_parser("serve", help="fork server: import torch/timm once, run forwarded commands")
     s.add_argument("--socket", required=True, help="Unix socket path")
     s.add_argument("--idle-timeout", type=float, default=900.0, help="exit after this many idle seconds")
@@ -328,6 +348,21 @@ def cmd_merge(a) -> int:
     from .merge import merge_cell
 
     print(json.dumps(merge_cell(a.cell, a.out, a.checkpoint)))
+    return 0
+
+
+def cmd_code_stamp(a) -> int:
+    """sha256 of code files' contents: one small input stands for them in every cell."""
+    import hashlib
+
+    from .results import write_text
+
+    lines = []
+    for path in sorted(a.files):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+        lines.append(f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}  {Path(path).name}")
+    write_text(a.out, "\n".join(lines) + "\n")
     return 0
 
 

@@ -83,9 +83,13 @@ def train_inputs(wildcards):
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
         "checkpoint": CFG.backbone.checkpoint,
-        "method_code": METHOD_CODE[spec.method],
-        "engine_code": ENGINE_CODE,
+        "code": code_stamp(spec.method),
     }
+
+
+def code_stamp(method):
+    """One file standing for the engine code and the method's own code (see stamp_code)."""
+    return f"{RES}/code/{method}.sha256"
 
 
 def tuning_metrics(dataset, method):

@@ -1,3 +1,21 @@
+# The code a method's cells run, as one checksum file per method: editing
+# peft_core/methods/lora.py (or a helper it imports) reruns LoRA cells only;
+# editing the engine (train.py, backbones.py, data.py) reruns every cell.
+# One small input per cell instead of ~10 keeps planning fast for 10^4 cells.
+rule stamp_code:
+    input:
+        lambda wc: METHOD_CODE[wc.method] + ENGINE_CODE,
+    output:
+        f"{RES}/code/{{method}}.sha256",
+    log:
+        f"{LOGS}/stamp_code/{{method}}.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "python -m peft_core.cli code-stamp --files {input} --out {output} > {log} 2>&1"
+
+
 rule train_cell:
     input:
         unpack(train_inputs),
