@@ -14,6 +14,8 @@ if CFG.data.generator == "demo":
             ),
         log:
             f"{LOGS}/make_demo_data/{{dataset}}.log",
+        # writes a few hundred small images: runs on the submit host
+        localrule: True
         conda:
             ENV
         params:

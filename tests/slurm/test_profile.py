@@ -1,0 +1,39 @@
+"""profiles/slurm without a cluster: a dry run works and picks up the site settings.
+
+Part of the default suite (no SLURM needed); the real-cluster tests are in
+test_slurm.py (``pytest -m slurm``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def test_dry_run_with_slurm_profile_needs_no_cluster(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason='needs pip install -e ".[slurm]"')
+    shutil.copy(TINY, tmp_path / "tiny.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(SBATCH_PARTITION="gpu-test", SBATCH_ACCOUNT="lab-test")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
+         "--directory", str(tmp_path), "--configfile", str(tmp_path / "tiny.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # partition/account come from sbatch's own variables, per job
+    resources = re.findall(r"resources: (.*)", out)
+    assert resources and all("slurm_partition=gpu-test" in r and "slurm_account=lab-test" in r for r in resources)
+    # training cells carry compute.train (tiny.yaml: gpu 0, 1000 MB, 5 min)
+    train = re.search(r"rule train_cell:.*?resources: ([^\n]*)", out, re.DOTALL)
+    assert train and "gpu=0" in train.group(1) and "mem_mb=1000" in train.group(1) and "runtime=5" in train.group(1)
