@@ -111,7 +111,6 @@ class TrainResources(Strict):
 
 class ComputeConfig(Strict):
     train: TrainResources = Field(default_factory=TrainResources)
-    group_size: int = Field(1, ge=1, description="cells packed into one cluster job")
     fork_server: bool = Field(
         True,
         description="local runs: one process imports torch/timm once and forks per cell (saves ~4 s per cell)",
