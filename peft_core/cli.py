@@ -111,10 +111,17 @@ def cmd_train(a) -> int:
     for path in (a.train_data, a.eval_data, a.checkpoint):
         if path and not Path(path).is_file():
             raise InputError(f"{path}: file not found")
-    from .train import run_cell
+    from .train import Preempted, run_cell
 
-    m = run_cell(spec, a.train_data, a.eval_data, a.checkpoint, a.out, threads=a.threads, device=a.device)
+    try:
+        m = run_cell(spec, a.train_data, a.eval_data, a.checkpoint, a.out, threads=a.threads, device=a.device)
+    except Preempted:
+        return PREEMPTED_EXIT  # the rerun (Snakemake retry or SLURM requeue) resumes
     return 0 if m["status"] in ("ok", "diverged") else 1
+
+
+# Exit status of a cell stopped by SIGTERM/SIGUSR1 after saving its state.
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL
 
 
 def cmd_select(a) -> int:

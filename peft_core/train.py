@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from .data import load_split, to_float
 from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
-from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors
+from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
 
 def lr_at(step: int, steps_per_epoch: int, spec: CellSpec) -> float:
@@ -79,7 +82,77 @@ class Outcome:
     images: int = 0
 
 
-def train(model, spec: CellSpec, x: torch.Tensor, y: torch.Tensor, log) -> Outcome:
+RESUME = "resume.pt"
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the training state was saved on SIGTERM/SIGUSR1."""
+
+
+@contextmanager
+def preemption_flag():
+    """SIGTERM / SIGUSR1 (SLURM preemption or requeue) set a flag the loop checks at each epoch end.
+
+    Saving at an epoch boundary keeps the resumed run bit-identical on CPU: the
+    data order generator, the global RNG and the optimiser are all at a clean state.
+    """
+    flag = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {s: signal.signal(s, lambda signum, frame: flag.update(hit=True)) for s in PREEMPT_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume(path: Path, spec: CellSpec, model, opt, gen, epoch: int, step: int, images: int) -> None:
+    state = {
+        "cell": spec.cell_id,
+        "epoch": epoch,
+        "step": step,
+        "images": images,
+        "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+        "optimizer": opt.state_dict(),
+        "gen": gen.get_state(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    write_torch(path, state)
+
+
+def load_resume(path: Path, spec: CellSpec, model, opt, gen) -> tuple[int, int, int]:
+    """Restore a saved state; returns (next epoch, step, images seen)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("cell") != spec.cell_id:
+        raise InputError(f"{path}: resume state of cell {state.get('cell')}, not {spec.cell_id}")
+    with torch.no_grad():
+        for n, p in _trainable(model).items():
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["step"], state["images"]
+
+
+def train(
+    model,
+    spec: CellSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    log,
+    resume: Path | None = None,
+    flag: dict | None = None,
+) -> Outcome:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -87,9 +160,12 @@ def train(model, spec: CellSpec, x: torch.Tensor, y: torch.Tensor, log) -> Outco
     steps_per_epoch = math.ceil(n / spec.batch_size)
     use_bf16 = x.device.type == "cuda"
     out = Outcome()
-    step = 0
+    step, first_epoch = 0, 0
+    if resume is not None and resume.is_file():
+        first_epoch, step, out.images = load_resume(resume, spec, model, opt, gen)
+        log(f"resumed from {resume} at epoch {first_epoch + 1}")
     model.train()
-    for epoch in range(spec.epochs):
+    for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen).to(x.device)
         loss_sum = torch.zeros((), device=x.device)
@@ -111,6 +187,10 @@ def train(model, spec: CellSpec, x: torch.Tensor, y: torch.Tensor, log) -> Outco
         if not math.isfinite(epoch_loss):
             out.status, out.diverged_epoch = "diverged", epoch + 1
             break
+        if flag is not None and flag["hit"] and resume is not None and epoch + 1 < spec.epochs:
+            save_resume(resume, spec, model, opt, gen, epoch + 1, step, out.images)
+            log(f"preempted: state saved to {resume} after epoch {epoch + 1}")
+            raise Preempted(str(resume))
     return out
 
 
@@ -149,7 +229,9 @@ def run_cell(
     model = build_model(spec, checkpoint, dev)
     t_loaded = time.perf_counter()
 
-    outcome = train(model, spec, train_split.images, train_split.labels, log)
+    resume = out_dir / RESUME
+    with preemption_flag() as flag:
+        outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag)
     t_trained = time.perf_counter()
 
     if outcome.status == "ok":
@@ -213,5 +295,6 @@ def run_cell(
     )
     write_json(out_dir / SPEC, spec.model_dump(mode="json"))
     write_json(out_dir / METRICS, metrics)
+    resume.unlink(missing_ok=True)
     log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: {outcome.status} {spec.eval_split} acc {accuracy:.4f}")
     return metrics
