@@ -229,6 +229,17 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     return "\n".join(lines)
 
 
+def pareto_front(params: list[float], accuracy: list[float]) -> list[int]:
+    """Indices of the points no other point beats (fewer or equal params and higher accuracy), by params."""
+    order = sorted(range(len(params)), key=lambda i: (params[i], -accuracy[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return front
+
+
 def _label_position(
     cx: float, cy: float, n_chars: int, placed: list[tuple[float, float, float, float]]
 ) -> tuple[float, float]:
@@ -266,6 +277,9 @@ def _svg_scatter(summ: pd.DataFrame) -> str:
         parts.append(f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
     parts.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">trainable parameters (excl. head, log scale)</text>')
     parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">mean test accuracy (%)</text>')
+    front = pareto_front(list(lx), list(pts["mean"]))
+    path = " ".join(f"{sx(lx.iloc[i]):.1f},{sy(pts['mean'].iloc[i]):.1f}" for i in front)
+    parts.append(f'<polyline points="{path}" class="front"><title>Pareto front</title></polyline>')
     placed: list[tuple[float, float, float, float]] = []
     for (_, r), x in sorted(zip(pts.iterrows(), lx), key=lambda item: item[1]):
         cx, cy = sx(x), sy(r["mean"])
@@ -284,7 +298,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}p.note{color:#57606a;max-width:60rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{padding:.3rem .55rem;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}td.best{font-weight:700;background:#dafbe1}
-svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}
+svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}svg .front{fill:none;stroke:#cf222e;stroke-width:1.5;stroke-dasharray:4 3}
 """
 
 
@@ -331,6 +345,7 @@ Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1
 <h2>Test accuracy, group means, parameters and PPT</h2>
 {_html_table(shown, acc_cols)}
 <h2>Accuracy vs trainable parameters</h2>
+<p class="note">Dashed red: the Pareto front (no method is both smaller and more accurate).</p>
 {_svg_scatter(summ)}
 <h2>Selected configurations</h2>
 {_html_table(sel_shown)}

@@ -100,3 +100,12 @@ def test_ppt_reproduces_vpeft_bench_table():
     rows = [r for _, r in table.iterrows()]
     close = sum(abs(ppt(r.mean_acc / 100, r.params_m * 1e6) - r.ppt) <= 0.01 for r in rows)
     assert close >= len(rows) - 1  # the published RepAdapter entry (0.72) is not reproduced
+
+
+def test_pareto_front():
+    from peft_core.report import pareto_front
+
+    params = [0, 10, 5, 100, 100, 50]
+    acc = [30, 40, 45, 50, 49, 45]
+    # 0@30, 5@45 and 100@50 are on the front; 10@40 and 50@45 are beaten by 5@45
+    assert pareto_front(params, acc) == [0, 2, 3]
