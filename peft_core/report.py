@@ -207,6 +207,7 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
             ]
         )
     lines += [_md_table(header, rows), ""]
+    lines += _published_lines(summ, study, datasets)
     lines += ["## Selected configurations (validation accuracy, %)", ""]
     srows = [
         [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}", _fmt(r.grid_spread, 1)]
@@ -227,6 +228,47 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# Our method names -> the reference study's, where they differ (its result files).
+PUBLISHED_ALIASES = {"adapter": "lora_p_adapter", "houlsby": "rand_h_adapter"}
+
+
+def published_frame(summ: pd.DataFrame, published: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
+    """Ours vs published mean test accuracy over the data sets both have, per method."""
+    pub = published.set_index("method")
+    rows = []
+    for _, r in summ.iterrows():
+        name = PUBLISHED_ALIASES.get(r.method, r.method)
+        if name not in pub.index:
+            continue
+        common = [d for d in datasets if d in pub.columns and not math.isnan(r[d])]
+        if not common:
+            continue
+        ours = sum(r[d] for d in common) / len(common)
+        theirs = float(pub.loc[name, common].astype(float).mean())
+        rows.append({"method": r.method, "published_as": name, "datasets": len(common),
+                     "ours": ours, "published": theirs, "diff": ours - theirs})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _published_lines(summ: pd.DataFrame, study: Study, datasets: list[str]) -> list[str]:
+    path = study.cfg.published
+    if not path or not Path(path).is_file():
+        return []
+    comp = published_frame(summ, pd.read_csv(path), datasets)
+    if comp.empty:
+        return []
+    rows = [[r.method, r.published_as, str(r.datasets), _fmt(r.ours), _fmt(r.published), f"{r.diff:+.2f}"]
+            for r in comp.itertuples()]  # fmt: skip
+    return [
+        f"## Ours vs published (`{path}`)",
+        "",
+        "Mean test accuracy (%) over the data sets both report; diff = ours − published.",
+        "",
+        _md_table(["method", "published as", "datasets", "ours", "published", "diff"], rows, 2),
+        "",
+    ]
 
 
 def pareto_front(params: list[float], accuracy: list[float]) -> list[int]:
