@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 
 from .. import toycell
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cmd(cell, out):
@@ -18,7 +21,10 @@ def _cmd(cell, out):
 
 
 def _env():
-    return {k: v for k, v in os.environ.items() if k != "PEFT_CORE_SERVER"}
+    """This checkout's peft_core, run in-process (no fork server)."""
+    env = {k: v for k, v in os.environ.items() if k != "PEFT_CORE_SERVER"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
 
 
 def test_sigterm_saves_state_and_rerun_resumes_bit_identically(tmp_path):
@@ -45,3 +51,17 @@ def test_sigterm_saves_state_and_rerun_resumes_bit_identically(tmp_path):
     assert a["final_train_loss"] == b["final_train_loss"] and a["accuracy"] == b["accuracy"]
     pa, pb = (pd.read_parquet(tmp_path / d / "predictions.parquet") for d in ("uninterrupted", "cell"))
     assert pa["logits"].map(list).tolist() == pb["logits"].map(list).tolist()  # bit-identical on CPU
+
+
+def test_kill_9_mid_cell_leaves_nothing_that_looks_complete(tmp_path):
+    toycell.write_inputs(tmp_path, n_train=512)
+    cell = toycell.spec("lora", {"rank": 2}, epochs=6)
+    proc = subprocess.Popen(_cmd(cell, "cell"), cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("epoch 1/"):
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    left = sorted(p.name for p in (tmp_path / "cell").glob("*")) if (tmp_path / "cell").exists() else []
+    # outputs are written to temporary names and renamed at the very end
+    assert not {"metrics.json", "predictions.parquet", "spec.json", "trainable.safetensors"} & set(left), left
