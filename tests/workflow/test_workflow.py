@@ -160,3 +160,16 @@ def test_editing_engine_code_reruns_every_cell(study, touched):
     jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
     assert trained_methods(jobs) == {"linear", "lora"}
     assert sum(j["rule"] == "train_cell" for j in jobs) == 3  # every tuning cell
+
+
+def test_new_dataset_schedules_only_its_cells(study, tmp_path):
+    cfg = yaml.safe_load(study["config"].read_text())
+    cfg["datasets"]["cells"] = {"num_classes": 4, "group": "specialized"}
+    edited = tmp_path / "tiny.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(study["work"], edited, dryrun=True)
+    trained = [j["output"][0] for j in jobs if j["rule"] == "train_cell"]
+    assert len(trained) == 3 and all(out.split("/")[-4] == "cells" for out in trained)
+    assert not any(j["rule"] == "pretrain_demo_backbone" for j in jobs)
+    made = [out for j in jobs if j["rule"] in ("make_demo_data", "cache_split") for out in j["output"]]
+    assert made and all("/cells/" in out for out in made)
