@@ -173,3 +173,17 @@ def test_new_dataset_schedules_only_its_cells(study, tmp_path):
     assert not any(j["rule"] == "pretrain_demo_backbone" for j in jobs)
     made = [out for j in jobs if j["rule"] in ("make_demo_data", "cache_split") for out in j["output"]]
     assert made and all("/cells/" in out for out in made)
+
+
+def test_snakemake_report_zip(study):
+    import subprocess
+    import sys
+    import zipfile
+
+    work = study["work"]
+    env = dict(os.environ, PYTHONPATH=str(work))
+    cmd = [sys.executable, "-m", "snakemake", "-s", "workflow/Snakefile", "--configfile", "tiny.yaml"]
+    out = subprocess.run(cmd + ["--report", "report.zip"], cwd=work, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = zipfile.ZipFile(work / "report.zip").namelist()
+    assert any(n.endswith("summary.md") for n in names) and any(n.endswith("index.html") for n in names)

@@ -25,14 +25,21 @@ rule build_report:
     input:
         expand(f"{RES}/tables/{{dataset}}.parquet", dataset=DATASETS),
     output:
-        report_files(),
+        md=report(
+            f"{REPORT}/summary.md", category="Summary", labels={"table": "markdown"}
+        ),
+        csv=report(f"{REPORT}/summary.csv", category="Summary", labels={"table": "csv"}),
+        parquet=f"{REPORT}/results.parquet",
+        html=report(
+            f"{REPORT}/index.html", category="Summary", labels={"table": "html"}
+        ),
     log:
         f"{LOGS}/build_report.log",
     conda:
         ENV
     params:
         config=json.dumps(config),
-        out_dir=lambda wc, output: Path(output[0]).parent,
+        out_dir=lambda wc, output: Path(output.md).parent,
     shell:
         "python -m peft_core.cli report --config {params.config:q} --tables {input} --out-dir {params.out_dir} "
         "> {log} 2>&1"
