@@ -109,6 +109,25 @@ def preemption_flag():
             signal.signal(s, handler)
 
 
+@contextmanager
+def rich_epoch_log(spec: CellSpec):
+    """Interactive runs: a `rich` progress bar over epochs (loss, img/s); logs stay plain lines otherwise."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"{spec.dataset}/{spec.method}/{spec.cell_id}"), BarColumn(),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("train", total=spec.epochs, status="")
+
+        def log(msg: str) -> None:
+            if msg.startswith("epoch "):
+                progress.update(task, advance=1, status=msg.split(" ", 2)[2])
+            else:
+                progress.console.print(msg)
+
+        yield log
+
+
 def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -218,6 +237,9 @@ def run_cell(
     """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json."""
     import pandas as pd
 
+    if log is None and sys.stderr.isatty():
+        with rich_epoch_log(spec) as live:
+            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
