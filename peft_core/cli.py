@@ -322,6 +322,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors")
     s.set_defaults(fn=cmd_merge)
 
+    s = sub.add_parser("wise", help="WiSE-FT: accuracy along the pre-trained -> fine-tuned weight path")
+    s.add_argument("--cell", required=True, help="a finished cell of a mergeable method")
+    s.add_argument("--eval", nargs="+", required=True, help="NAME=cache.pt, e.g. id=test.pt shifted=test_ood.pt")
+    s.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    s.add_argument("--checkpoint", default=None, help="pre-trained backbone (default: the cell's)")
+    s.add_argument("--out", required=True, help="output .parquet")
+    s.set_defaults(fn=cmd_wise)
+
     s = sub.add_parser("code-stamp", help="checksums of code files (the workflow's code dependency)")
     s.add_argument("--files", nargs="+", required=True)
     s.add_argument("--out", required=True)
@@ -355,6 +363,20 @@ def cmd_merge(a) -> int:
     from .merge import merge_cell
 
     print(json.dumps(merge_cell(a.cell, a.out, a.checkpoint)))
+    return 0
+
+
+def cmd_wise(a) -> int:
+    import pandas as pd
+
+    from .results import write_parquet
+    from .wise import wise_curve
+
+    splits = dict(item.split("=", 1) for item in a.eval)
+    rows = wise_curve(a.cell, splits, a.alphas, a.checkpoint)
+    write_parquet(a.out, pd.DataFrame(rows))
+    for r in rows:
+        print(f"alpha {r['alpha']:.2f} {r['split']}: {100 * r['accuracy']:.2f}")
     return 0
 
 
