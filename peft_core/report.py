@@ -358,6 +358,29 @@ def _html_table(frame: pd.DataFrame, best_cols: list[str] | None = None, digits:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def rank_frame(summ: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
+    """Rank of each method per dataset (1 = best test accuracy; ties share the best rank)."""
+    ranks = summ.set_index("method")[datasets].rank(ascending=False, method="min")
+    ranks["mean rank"] = ranks.mean(axis=1)
+    return ranks.sort_values("mean rank", kind="stable")
+
+
+def _rank_heatmap(ranks: pd.DataFrame) -> str:
+    """Methods x datasets ranks as an HTML table with a green (best) to grey colour scale."""
+    n = max(len(ranks), 1)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["method", *ranks.columns])
+    body = []
+    for method, r in ranks.iterrows():
+        cells = []
+        for c in ranks.columns:
+            v = r[c]
+            shade = 0.0 if math.isnan(v) else 1 - (v - 1) / max(n - 1, 1)
+            style = f' style="background:rgba(26,127,55,{0.55 * shade:.2f})"' if c != "mean rank" else ""
+            cells.append(f"<td{style}>{_fmt(v, 1 if c == 'mean rank' else 0)}</td>")
+        body.append(f"<tr><td>{html.escape(str(method))}</td>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def render_html(results: pd.DataFrame, study: Study) -> str:
     summ = summary_frame(results, study)
     sel = selection_frame(results, study)
@@ -389,6 +412,11 @@ Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1
 <h2>Accuracy vs trainable parameters</h2>
 <p class="note">Dashed red: the Pareto front (no method is both smaller and more accurate).</p>
 {_svg_scatter(summ)}
+<h2>Ranks per data set</h2>
+<p class="note">1 = best test accuracy on that data set; sorted by mean rank.</p>
+{_rank_heatmap(rank_frame(summ, [d for d in study.dataset_names() if d in summ.columns]))}
+<h2>PPT ranking</h2>
+{_html_table(summ.sort_values("ppt", ascending=False)[["method", "mean", "params", "ppt"]].assign(params=lambda f: f.params.map(_params_m)).rename(columns={"params": "params (M)", "ppt": "PPT"}))}
 <h2>Selected configurations</h2>
 {_html_table(sel_shown)}
 <p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>

@@ -123,3 +123,15 @@ def test_published_comparison_uses_common_datasets_and_aliases():
         {"method": "adapter", "published_as": "lora_p_adapter", "datasets": 2, "ours": 65.0,
          "published": pytest.approx(71.14), "diff": pytest.approx(-6.14)}
     ]  # fmt: skip
+
+
+def test_rank_frame_ties_share_the_best_rank():
+    import pandas as pd
+
+    from peft_core.report import rank_frame
+
+    summ = pd.DataFrame([{"method": "a", "x": 50.0, "y": 10.0}, {"method": "b", "x": 50.0, "y": 20.0},
+                         {"method": "c", "x": 40.0, "y": 30.0}])  # fmt: skip
+    ranks = rank_frame(summ, ["x", "y"])
+    assert ranks.loc["a", "x"] == ranks.loc["b", "x"] == 1 and ranks.loc["c", "x"] == 3
+    assert list(ranks.index) == ["b", "a", "c"]  # mean ranks 1.5, 2, 2 (ties keep config order)
