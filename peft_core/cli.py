@@ -197,17 +197,13 @@ def cmd_params(a) -> int:
 
     model = backbones.create(a.backbone, a.num_classes, 0.0, **_parse_set(a.kwargs or []))
     backbone = count_backbone(model)  # the pre-trained backbone, before the method adds anything
-    _apply_method(method, model, hp)
+    from .train import apply_method
+
+    apply_method(method, model, hp)
     unfreeze_head(model)
     counts = {"trainable": count_trainable(model), "head": count_head(model), "backbone": backbone}
     print(json.dumps(counts) if a.json else "  ".join(f"{k}: {v:,}" for k, v in counts.items()))
     return 0
-
-
-def _apply_method(method, model, hp):
-    from .train import apply_method
-
-    return apply_method(method, model, hp)
 
 
 def cmd_methods(a) -> int:

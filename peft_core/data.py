@@ -137,12 +137,8 @@ def build_cache(
             raise InputError(f"{source}: label {label} of {path} outside 0..{num_classes - 1}")
         images[i] = decode_image(path, size)
         labels[i] = label
-    save_atomic({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}, Path(out))
+    write_torch(Path(out), {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)})
     return len(entries)
-
-
-def save_atomic(obj: object, out: Path) -> None:
-    write_torch(out, obj)
 
 
 def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from peft_core.config import BackboneSpec, CellSpec
-from peft_core.data import save_atomic
+from peft_core.results import write_torch
 
 from .methods.checks import TINY, tiny_model
 
@@ -18,7 +18,7 @@ def write_inputs(root: Path, n_train: int = 64, n_eval: int = 32) -> None:
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", n_train), ("eval", n_eval)):
         images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-        save_atomic({"images": images, "labels": torch.arange(n) % 3}, root / f"{split}.pt")
+        write_torch(root / f"{split}.pt", {"images": images, "labels": torch.arange(n) % 3})
     state = {k: v for k, v in tiny_model("vit").state_dict().items() if not k.startswith("head.")}
     save_file(state, str(root / "backbone.safetensors"))
 

@@ -178,3 +178,18 @@ def factory_kwargs(module: nn.Module) -> dict:
     """Device and dtype of a module's first parameter, for new tensors placed beside it."""
     p = next(module.parameters())
     return {"device": p.device, "dtype": p.dtype}
+
+
+def add_sequential_adapters(model: nn.Module, hp, parts: tuple[str, ...]) -> nn.Module:
+    """Wrap ``block.<part>`` of every block with a sequential bottleneck adapter.
+
+    ``hp`` carries ``bottleneck``, ``init``, ``scaler`` and ``dropout``; the
+    Pfeiffer adapter uses ``("mlp",)``, Houlsby ``("attn", "mlp")``.
+    """
+    dim = embed_dim(model)
+    for block in vit_blocks(model):
+        for part in parts:
+            base = getattr(block, part)
+            adapter = BottleneckAdapter(dim, hp.bottleneck, hp.init, hp.scaler, hp.dropout, **factory_kwargs(base))
+            setattr(block, part, SequentialAdapter(base, adapter))
+    return model

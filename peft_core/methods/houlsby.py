@@ -17,16 +17,12 @@ from __future__ import annotations
 from torch import nn
 
 from ._adapter import (
-    BottleneckAdapter,
     Init,
-    SequentialAdapter,
+    add_sequential_adapters,
     bottleneck_field,
     dropout_field,
-    embed_dim,
-    factory_kwargs,
     init_field,
     scaler_field,
-    vit_blocks,
 )
 from ._common import freeze_all
 from ._registry import HParams, register_method
@@ -41,15 +37,7 @@ class HoulsbyHP(HParams):
 
 def apply(model: nn.Module, hp: HoulsbyHP) -> nn.Module:
     freeze_all(model)
-    dim = embed_dim(model)
-    for block in vit_blocks(model):
-        for part in ("attn", "mlp"):
-            base = getattr(block, part)
-            adapter = BottleneckAdapter(
-                dim, hp.bottleneck, hp.init, hp.scaler, hp.dropout, **factory_kwargs(base)
-            )
-            setattr(block, part, SequentialAdapter(base, adapter))
-    return model
+    return add_sequential_adapters(model, hp, ("attn", "mlp"))
 
 
 METHOD = register_method("houlsby", HoulsbyHP, apply, merge=None)
