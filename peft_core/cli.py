@@ -368,6 +368,9 @@ def cmd_wise(a) -> int:
     from .results import write_parquet
     from .wise import wise_curve
 
+    bad = [item for item in a.eval if "=" not in item]
+    if bad:
+        raise InputError(f"--eval {bad[0]!r}: expected NAME=path/to/cache.pt")
     splits = dict(item.split("=", 1) for item in a.eval)
     rows = wise_curve(a.cell, splits, a.alphas, a.checkpoint)
     write_parquet(a.out, pd.DataFrame(rows))

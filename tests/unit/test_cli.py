@@ -58,3 +58,8 @@ def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as stop:
         main([cmd, "--help"])
     assert stop.value.code == 0
+
+
+def test_wise_eval_argument_must_name_the_split(capsys):
+    assert main(["wise", "--cell", "c", "--eval", "test.pt", "--out", "w.parquet"]) == 2
+    assert "--eval 'test.pt': expected NAME=" in capsys.readouterr().err
