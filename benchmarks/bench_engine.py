@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NUM_CLASSES = 100
+# ours: the engine as configured (--precision); ours_compiled: the same under torch.compile;
+# naive: fp32 eager, unfused attention, PNG decoding every step, a host sync every step.
+MODES = ("ours", "ours_compiled", "naive")
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets), matched against the device name in order.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
                ("L40S", 362.0), ("A10", 125.0), ("L4", 121.0))  # fmt: skip
@@ -44,7 +47,7 @@ class Job:
     """One measurement: everything a spawned child needs (picklable)."""
 
     method: str
-    mode: str  # "ours" | "naive"
+    mode: str  # one of MODES
     model: str
     img_size: int
     batch_size: int
@@ -54,6 +57,7 @@ class Job:
     threads: int | None
     png_dir: str
     flops: bool
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ def cell_spec(job: Job, epochs: int = 1):
         method=job.method, hparams=get_method(job.method).hparams().model_dump(mode="json"), lr=1e-3,
         weight_decay=1e-4, epochs=epochs, warmup_epochs=0, warmup_lr_init=1e-6, lr_min=1e-5,
         batch_size=job.batch_size, eval_batch_size=job.batch_size, drop_path=0.1, seed=0,
+        precision=job.precision if job.mode != "naive" else "fp32", compile=job.mode == "ours_compiled",
     )  # fmt: skip
 
 
@@ -93,7 +98,7 @@ def measure(job: Job) -> Result:
     torch.manual_seed(0)
     spec = cell_spec(job)
     model = build_model(spec, None, dev)
-    run = run_ours if job.mode == "ours" else run_naive
+    run = run_naive if job.mode == "naive" else run_ours
     flops = count_flops(model, job, dev) if job.flops else None
     seconds = run(model, spec, job, dev)
     return Result(
@@ -180,7 +185,7 @@ def count_flops(model, job: Job, dev) -> float:
     x = torch.rand(job.batch_size, 3, job.img_size, job.img_size, device=dev)
     y = torch.zeros(job.batch_size, dtype=torch.long, device=dev)
     counter = FlopCounterMode(display=False)
-    with counter, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with counter:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / job.batch_size
@@ -226,19 +231,24 @@ def run_child(job: Job) -> Result:
         return pool.submit(measure, job).result()
 
 
-def table(rows: list[tuple[str, Result, Result]], peak: float | None) -> str:
-    """Markdown table: one row per method, ours vs naive and their ratio."""
-    cols = ["method", "trainable", "ours img/s", "naive img/s", "ratio", "ours peak MB", "naive peak MB"]
+def table(rows: list[tuple[str, dict[str, Result]]], modes: list[str], peak: float | None) -> str:
+    """Markdown table: one row per method; img/s and peak memory per mode, ratios against naive."""
+    fast = [m for m in modes if m != "naive"]
+    cols = ["method", "trainable"] + [f"{m} img/s" for m in modes]
+    cols += [f"{m} / naive" for m in fast] if "naive" in modes else []
+    cols += [f"{m} peak MB" for m in modes]
     if peak:
-        cols += ["GFLOP/img", "ours MFU", "naive MFU"]
+        cols += ["GFLOP/img"] + [f"{m} MFU" for m in modes]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for method, ours, naive in rows:
-        ratio = ours.images_per_s / naive.images_per_s
-        cells = [method, f"{ours.trainable:,}", f"{ours.images_per_s:.1f}", f"{naive.images_per_s:.1f}",
-                 f"{ratio:.2f}x", f"{ours.peak_mb:,.0f}", f"{naive.peak_mb:,.0f}"]  # fmt: skip
+    for method, res in rows:
+        first = res[modes[0]]
+        cells = [method, f"{first.trainable:,}"] + [f"{res[m].images_per_s:.1f}" for m in modes]
+        if "naive" in modes:
+            cells += [f"{res[m].images_per_s / res['naive'].images_per_s:.2f}x" for m in fast]
+        cells += [f"{res[m].peak_mb:,.0f}" for m in modes]
         if peak:
-            f = ours.flops_per_image or float("nan")
-            cells += [f"{f / 1e9:.1f}", _mfu(f, ours, peak), _mfu(naive.flops_per_image or f, naive, peak)]
+            f = first.flops_per_image or float("nan")
+            cells += [f"{f / 1e9:.1f}"] + [_mfu(f, res[m], peak) for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--src-size", type=int, default=256, help="side of the PNG files the naive mode decodes")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak for MFU")
+    p.add_argument("--modes", default="ours,naive", help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="of the ours modes")
     return p.parse_args(argv)
 
 
@@ -268,28 +280,32 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if unknown := sorted(set(modes) - set(MODES)):
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
     on_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_png_") as png_dir:
         write_pngs(Path(png_dir), min(a.batch_size * (a.steps + a.warmup), 512), a.src_size)
         for method in methods:
             results = {}
-            for mode in ("ours", "naive"):
+            for mode in modes:
                 job = Job(method, mode, a.model, a.img_size, a.batch_size, a.steps, a.warmup, a.device,
-                          a.threads, png_dir, flops=on_cuda)  # fmt: skip
-                results[mode] = run_child(job)
-                r = results[mode]
-                print(f"{method:<10} {mode:<6} {r.images_per_s:8.1f} img/s  peak {r.peak_mb:,.0f} MB", file=sys.stderr)
-            rows.append((method, results["ours"], results["naive"]))
-    device_name = rows[0][1].device_name if rows else "?"
+                          a.threads, png_dir, flops=on_cuda and mode == modes[0], precision=a.precision)  # fmt: skip
+                results[mode] = r = run_child(job)
+                print(f"{method:<10} {mode:<14} {r.images_per_s:8.1f} img/s  peak {r.peak_mb:,.0f} MB",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            rows.append((method, results))
+    device_name = rows[0][1][modes[0]].device_name if rows else "?"
     peak = peak_tflops(device_name, a.peak_tflops) if on_cuda else None
     print(f"command: python benchmarks/bench_engine.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(f"device: {device_name}; torch {torch.__version__}, timm {timm.__version__}; threads/child: "
           f"{a.threads or 'default'}; model {a.model} at {a.img_size}px, batch {a.batch_size}, "
-          f"{a.steps} timed steps after {a.warmup} warm-up; naive decodes {a.src_size}px PNGs"
+          f"{a.steps} timed steps after {a.warmup} warm-up; ours precision {a.precision}; "
+          f"naive decodes {a.src_size}px PNGs"
           + (f"; MFU vs {peak:.0f} TFLOP/s bf16 dense" if peak else ""))  # fmt: skip
     print()
-    print(table(rows, peak))
+    print(table(rows, modes, peak))
     return 0
 
 

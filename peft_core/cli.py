@@ -86,12 +86,11 @@ def cmd_prepare_vtab(a) -> int:
     return 1 if problems else 0
 
 
-def _spec(a):
+def _spec(raw: str):
     from pydantic import ValidationError
 
     from .config import CellSpec, format_validation_error
 
-    raw = a.spec_json if a.spec_json else Path(a.spec).read_text()
     try:
         spec = CellSpec.model_validate_json(raw)
     except ValidationError as err:
@@ -106,22 +105,61 @@ def _spec(a):
     return spec
 
 
-def cmd_train(a) -> int:
-    spec = _spec(a)
-    for path in (a.train_data, a.eval_data, a.checkpoint):
+def _check_inputs(a) -> str | None:
+    """Every input file exists (before any training); returns the code checksum, if given."""
+    for path in (a.train_data, a.eval_data, a.checkpoint, a.code_stamp):
         if path and not Path(path).is_file():
             raise InputError(f"{path}: file not found")
+    if a.code_stamp:
+        from .packs import read_code_stamp
+
+        return read_code_stamp(a.code_stamp)
+    return None
+
+
+def cmd_train(a) -> int:
+    if a.spec and not Path(a.spec).is_file():
+        raise InputError(f"{a.spec}: file not found")
+    spec = _spec(a.spec_json if a.spec_json else Path(a.spec).read_text())
+    code = _check_inputs(a)
     from .train import Preempted, run_cell
 
     try:
-        m = run_cell(spec, a.train_data, a.eval_data, a.checkpoint, a.out, threads=a.threads, device=a.device)
+        m = run_cell(spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code)
     except Preempted:
         return PREEMPTED_EXIT  # the rerun (Snakemake retry or SLURM requeue) resumes
     return 0 if m["status"] in ("ok", "diverged") else 1
 
 
+def cmd_train_pack(a) -> int:
+    specs = [_spec(raw) for raw in a.spec_json]
+    code = _check_inputs(a)
+    from .packs import run_pack
+    from .train import Preempted, run_cell
+
+    def train_one(spec, out):
+        return run_cell(spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log)
+    except Preempted:
+        return PREEMPTED_EXIT
+    trained = sum(not r["reused"] for r in rows)
+    print(f"{a.manifest}: {len(rows)} cells ({trained} trained, {len(rows) - trained} reused)")
+    return 0
+
+
 # Exit status of a cell stopped by SIGTERM/SIGUSR1 after saving its state.
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL
+
+
+def _cell_args(s) -> None:
+    s.add_argument("--code-stamp", help="code-stamp file; its checksum is recorded in metrics.json")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def cmd_select(a) -> int:
@@ -263,9 +301,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-data", required=True)
     s.add_argument("--checkpoint")
     s.add_argument("--out", required=True, help="cell directory")
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _cell_args(s)
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("train-pack", help="train the cells of one tuning pack, reusing finished ones")
+    s.add_argument("--spec-json", nargs="+", required=True, help="cell specs as JSON strings, in order")
+    s.add_argument("--train-data", required=True)
+    s.add_argument("--eval-data", required=True)
+    s.add_argument("--checkpoint")
+    s.add_argument("--cells-root", required=True, help="cells go to <root>/<dataset>/<method>/<cell id>/")
+    s.add_argument("--manifest", required=True, help="JSON written once every cell is done")
+    _cell_args(s)
+    s.set_defaults(fn=cmd_train_pack)
 
     s = sub.add_parser("select", help="choose a configuration by validation accuracy")
     s.add_argument("--cells", nargs="+", required=True, help="tuning cell directories, in listed order")
@@ -402,7 +449,7 @@ def cmd_serve(a) -> int:
 
 
 # Commands worth sending to a running fork server (they import torch + timm).
-FORWARDED = {"train"}
+FORWARDED = {"train", "train-pack"}
 
 
 def main(argv: list[str] | None = None) -> int:

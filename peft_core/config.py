@@ -90,6 +90,12 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     drop_path: float = Field(0.1, ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="autocast dtype (fp32 master weights): auto = bf16 on CUDA, fp32 on CPU; "
+        "bf16 also pays off on CPUs with AVX512-BF16/AMX",
+    )
+    compile: bool = Field(False, description="torch.compile the model (pays off for long GPU cells)")
     tune_seed: int = Field(0, description="seed of every tuning cell")
     final_seeds: list[int] = Field(
         [0, 1, 2], min_length=1, description="one final run per seed", json_schema_extra={"x-grid": True}
@@ -329,6 +335,8 @@ class Study:
                 eval_batch_size=t.eval_batch_size,
                 drop_path=t.drop_path,
                 seed=t.tune_seed,
+                precision=t.precision,
+                compile=t.compile,
             )
             for hp in self.method_grid(method)
             for lr in lrs
@@ -385,13 +393,28 @@ class CellSpec(Strict):
     eval_batch_size: int
     drop_path: float
     seed: int
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    def identity(self) -> dict[str, Any]:
+        """The hashed fields. Fields added later count only when set, so their
+        defaults keep every existing cell id (and its cached results) valid."""
+        data = self.model_dump(mode="json")
+        for name, default in LATE_FIELDS.items():
+            if data.get(name) == default:
+                del data[name]
+        return data
+
     @property
     def cell_id(self) -> str:
-        return cell_hash(self.model_dump(mode="json"))
+        return cell_hash(self.identity())
+
+
+# CellSpec fields added after results existed, with the value they had implicitly.
+LATE_FIELDS: dict[str, Any] = {"precision": "auto", "compile": False}
 
 
 CELL_ID = re.compile(r"^[0-9a-f]{10}$")

@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,10 +88,26 @@ def forward(argv: list[str]) -> int | None:
 # ------------------------------------------------------------------ server
 
 
+def _die_with_client(conn: socket.socket) -> None:
+    """Kill this child once its client is gone (killed, or its job cancelled).
+
+    The client sends nothing after its request, so ``recv`` returns only at
+    end-of-file. Without this, a ``kill -9`` of Snakemake would leave cells
+    training, and writing outputs, behind the rerun's back.
+    """
+    try:
+        while conn.recv(1):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked child: become the requesting command, then report its exit status."""
     rc = 1
     try:
+        threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
         os.setsid()
         os.chdir(request["cwd"])
         os.environ.clear()

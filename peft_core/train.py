@@ -68,6 +68,24 @@ def build_model(spec: CellSpec, checkpoint: str | Path | None, device: torch.dev
     return model.to(device)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) where asked, or on CUDA under ``auto``; else fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: CellSpec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; on CUDA the fused kernel (one launch for all tensors instead of several per tensor)."""
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=device.type == "cuda")
+
+
+def forward_fn(model: torch.nn.Module, spec: CellSpec):
+    """The module to call: ``torch.compile``d when the spec asks (static shapes; the
+    last partial batch and evaluation each compile once more)."""
+    return torch.compile(model, dynamic=False) if spec.compile else model
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -173,11 +191,12 @@ def train(
     flag: dict | None = None,
 ) -> Outcome:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = make_optimizer(params, spec, x.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / spec.batch_size)
-    use_bf16 = x.device.type == "cuda"
+    dtype = autocast_dtype(spec.precision, x.device)
+    fwd = forward_fn(model, spec)
     out = Outcome()
     step, first_epoch = 0, 0
     if resume is not None and resume.is_file():
@@ -192,8 +211,8 @@ def train(
             idx = order[start : start + spec.batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, spec)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(model(to_float(x[idx], spec.normalize)), y[idx])
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(fwd(to_float(x[idx], spec.normalize)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -216,11 +235,12 @@ def train(
 @torch.inference_mode()
 def evaluate(model, spec: CellSpec, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    use_bf16 = x.device.type == "cuda"
+    dtype = autocast_dtype(spec.precision, x.device)
+    fwd = forward_fn(model, spec)
     chunks = []
     for start in range(0, x.shape[0], spec.eval_batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            chunks.append(model(to_float(x[start : start + spec.eval_batch_size], spec.normalize)).float())
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            chunks.append(fwd(to_float(x[start : start + spec.eval_batch_size], spec.normalize)).float())
     return torch.cat(chunks)
 
 
@@ -233,19 +253,23 @@ def run_cell(
     threads: int = 1,
     device: str = "auto",
     log=None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json."""
     import pandas as pd
 
     if log is None and sys.stderr.isatty():
         with rich_epoch_log(spec) as live:
-            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live)
+            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(spec.seed)
     train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
     model = build_model(spec, checkpoint, dev)
@@ -306,9 +330,12 @@ def run_cell(
         "train_s": train_time,
         "eval_s": t_eval - t_trained,
         "device": str(dev),
+        "precision": "bf16" if autocast_dtype(spec.precision, dev) else "fp32",
+        "compiled": spec.compile,
         "threads": threads,
         "torch": torch.__version__,
         "peft_core": __version__,
+        "code": code,  # checksum of the engine + method sources it ran (packs reuse cells by it)
     }
     write_safetensors(
         out_dir / WEIGHTS,

@@ -23,8 +23,26 @@ def study():
 
 def test_cell_hash_is_stable(study):
     spec = study.tuning_cells("digits", "full")[0]
-    assert spec.cell_id == cell_hash(spec.model_dump(mode="json"))
+    assert spec.cell_id == cell_hash(spec.identity())
     assert len(spec.cell_id) == 10 and spec.cell_id == CellSpec.model_validate_json(spec.canonical_json()).cell_id
+
+
+def test_fields_added_later_keep_existing_ids_at_their_defaults(study):
+    spec = study.tuning_cells("digits", "full")[0]
+    old = spec.model_dump(mode="json", exclude={"precision", "compile"})  # a spec from before they existed
+    assert spec.cell_id == cell_hash(old) == "85153083bd"  # its id before this change
+    assert spec.model_copy(update={"precision": "bf16"}).cell_id != spec.cell_id
+    assert spec.model_copy(update={"compile": True}).cell_id != spec.cell_id
+
+
+def test_precision_and_compile_reach_the_cells():
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["train"].update(precision="bf16", compile=True)
+    spec = load_study(raw).tuning_cells("digits", "lora")[0]
+    assert (spec.precision, spec.compile) == ("bf16", True)
+    raw["train"]["precision"] = "fp16"
+    with pytest.raises(InputError, match=r"^train\.precision: "):
+        load_study(raw)
 
 
 def test_cell_hash_is_key_order_independent():

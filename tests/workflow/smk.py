@@ -42,7 +42,7 @@ def copy_code(workdir: Path) -> None:
         shutil.copytree(REPO / name, workdir / name, ignore=ignore)
 
 
-def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[dict]:
+def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2, unlock: bool = False) -> list[dict]:
     own_code = (workdir / "workflow" / "Snakefile").is_file()
     snakefile = workdir / "workflow" / "Snakefile" if own_code else SNAKEFILE
     if own_code:
@@ -68,6 +68,9 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[d
             workdir=workdir,
         )
         dag = wf.dag(DAGSettings())
+        if unlock:  # what a user runs after a killed Snakemake: `snakemake --unlock`
+            dag.unlock()
+            return []
         dag.execute_workflow(
             executor="dryrun" if dryrun else "local",
             execution_settings=ExecutionSettings(keep_going=False),
@@ -75,10 +78,11 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2) -> list[d
     return collector.jobs
 
 
-def run_in_subprocess(workdir: Path, configfile: Path, dryrun: bool = False, timeout: float = 900) -> list[dict]:
+def run_in_subprocess(
+    workdir: Path, configfile: Path, dryrun: bool = False, timeout: float = 900, unlock: bool = False
+) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), str(workdir), str(configfile)]
-    if dryrun:
-        cmd.append("--dryrun")
+    cmd += ["--dryrun"] * dryrun + ["--unlock"] * unlock
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -86,7 +90,7 @@ def run_in_subprocess(workdir: Path, configfile: Path, dryrun: bool = False, tim
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--dryrun"]
-    jobs = run(Path(args[0]), Path(args[1]), dryrun="--dryrun" in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    jobs = run(Path(args[0]), Path(args[1]), dryrun="--dryrun" in sys.argv, unlock="--unlock" in sys.argv)
     sys.stdout.flush()
     print(json.dumps(jobs))

@@ -9,8 +9,14 @@ shows it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,8 +43,8 @@ def rules(jobs: list[dict]) -> list[str]:
 
 def test_first_run_schedules_every_stage(study):
     names = rules(study["jobs"])
-    # 1 linear + 2 lora tuning cells, then one final seed each
-    assert names.count("train_cell") == 5
+    # 1 linear + 2 lora tuning packs (one lr x wd cell each here), then one final seed each
+    assert names.count("train_pack") == 3 and names.count("train_cell") == 2
     assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report", "analyse_ensembles"} <= set(names)
 
 
@@ -78,10 +84,10 @@ def test_grid_edit_schedules_only_that_methods_cells(study, tmp_path):
     edited = tmp_path / "tiny.yaml"
     edited.write_text(yaml.safe_dump(cfg))
     jobs = run_in_subprocess(study["work"], edited, dryrun=True)
-    trained = [j for j in jobs if j["rule"] == "train_cell"]
-    assert len(trained) == 1, trained  # the new rank-4 tuning cell; final runs wait for selection
+    trained = [j for j in jobs if j["rule"] == "train_pack"]
+    assert len(trained) == 1, trained  # the new rank-4 tuning pack; final runs wait for selection
     assert all("/lora/" in out for j in trained for out in j["output"])
-    assert {j["rule"] for j in jobs} <= {"train_cell", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all"}
+    assert {j["rule"] for j in jobs} <= {"train_pack", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all"}
     selections = [out for j in jobs if j["rule"] == "select_config" for out in j["output"]]
     assert selections and all(out.endswith("/lora.json") for out in selections)
 
@@ -139,14 +145,15 @@ def touched(study):
 
 
 def trained_methods(jobs: list[dict]) -> set[str]:
-    return {out.split("/")[-3] for j in jobs if j["rule"] == "train_cell" for out in j["output"][:1]}
+    """Methods of the scheduled tuning packs (.../packs/<dataset>/<method>/<pack>.json)."""
+    return {out.split("/")[-2] for j in jobs if j["rule"] == "train_pack" for out in j["output"][:1]}
 
 
 def test_editing_a_method_file_reruns_only_its_cells(study, touched):
     touched("peft_core/methods/lora.py")
     jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
     assert trained_methods(jobs) == {"lora"}
-    assert sum(j["rule"] == "train_cell" for j in jobs) == 2  # its 2 tuning cells; finals follow selection
+    assert sum(j["rule"] == "train_pack" for j in jobs) == 2  # its 2 tuning packs; finals follow selection
 
 
 def test_editing_a_private_method_helper_reruns_its_users(study, touched):
@@ -159,7 +166,7 @@ def test_editing_engine_code_reruns_every_cell(study, touched):
     touched("peft_core/train.py")
     jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
     assert trained_methods(jobs) == {"linear", "lora"}
-    assert sum(j["rule"] == "train_cell" for j in jobs) == 3  # every tuning cell
+    assert sum(j["rule"] == "train_pack" for j in jobs) == 3  # every tuning pack
 
 
 def test_new_dataset_schedules_only_its_cells(study, tmp_path):
@@ -168,11 +175,77 @@ def test_new_dataset_schedules_only_its_cells(study, tmp_path):
     edited = tmp_path / "tiny.yaml"
     edited.write_text(yaml.safe_dump(cfg))
     jobs = run_in_subprocess(study["work"], edited, dryrun=True)
-    trained = [j["output"][0] for j in jobs if j["rule"] == "train_cell"]
-    assert len(trained) == 3 and all(out.split("/")[-4] == "cells" for out in trained)
+    trained = [j["output"][0] for j in jobs if j["rule"] == "train_pack"]
+    assert len(trained) == 3 and all(out.split("/")[-3] == "cells" for out in trained)
     assert not any(j["rule"] == "pretrain_demo_backbone" for j in jobs)
     made = [out for j in jobs if j["rule"] in ("make_demo_data", "cache_split") for out in j["output"]]
     assert made and all("/cells/" in out for out in made)
+
+
+def copy_study(study: dict, dest) -> tuple:
+    """A private copy of the finished tiny study (code, data, results, Snakemake metadata)."""
+    work = dest / "work"
+    shutil.copytree(study["work"], work, symlinks=True)
+    return work, yaml.safe_load(study["config"].read_text())
+
+
+def manifests(work, method: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "results/tiny/packs/digits" / method).glob("*.json"))]
+
+
+def test_adding_a_learning_rate_trains_only_the_new_cells(study, tmp_path):
+    work, cfg = copy_study(study, tmp_path)
+    before = {c["cell"] for m in manifests(work, "lora") for c in m["cells"]}
+    cfg["methods"]["lora"]["lr"] = [0.01, 0.002]
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(work, work / "tiny.yaml")
+    assert sum(j["rule"] == "train_pack" for j in jobs) == 2  # lora's two configurations, as new packs
+    current = [m for m in manifests(work, "lora") if len(m["cells"]) == 2]
+    assert len(current) == 2
+    cells = [c for m in current for c in m["cells"]]
+    assert {c["cell"] for c in cells if c["reused"]} == before  # the lr=0.01 cells were not retrained
+    assert sum(not c["reused"] for c in cells) == 2  # only the two lr=0.002 cells trained
+
+
+def live_processes_in(work) -> list[int]:
+    """Processes whose working directory is inside ``work`` (e.g. orphaned cells)."""
+    pids = []
+    for proc in os.listdir("/proc"):
+        try:
+            if proc.isdigit() and os.readlink(f"/proc/{proc}/cwd").startswith(str(work)):
+                pids.append(int(proc))
+        except OSError:
+            pass
+    return pids
+
+
+def test_kill_9_mid_cell_leaves_nothing_complete_and_the_rerun_finishes(study, tmp_path):
+    work, cfg = copy_study(study, tmp_path)
+    cfg["train"]["epochs"] = 40  # every cell is new and long enough to be caught mid-training
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(REPO / "tests/workflow/smk.py"), str(work), str(work / "tiny.yaml")]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    logs = work / "logs/tiny/train_pack"
+    deadline = time.monotonic() + 300
+    while not any("epoch 2/40" in p.read_text() for p in logs.rglob("*.log") if p.is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no cell reached epoch 2"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # a forked cell notices its client is gone at once
+    assert live_processes_in(work) == []
+
+    for method in ("linear", "lora"):  # a manifest exists only once every cell of its pack is complete
+        for m in manifests(work, method):
+            assert all((work / c["dir"] / "metrics.json").is_file() for c in m["cells"])
+    run_in_subprocess(work, work / "tiny.yaml", unlock=True)  # the user's `snakemake --unlock`
+    pending = run_in_subprocess(work, work / "tiny.yaml", dryrun=True)
+    assert any(j["rule"] == "train_pack" for j in pending)
+
+    run_in_subprocess(work, work / "tiny.yaml")
+    results = pd.read_parquet(work / "reports/tiny/results.parquet")
+    assert len(results) == 5 and results["cell"].is_unique  # 3 tuning + 2 final cells, none lost or doubled
+    assert run_in_subprocess(work, work / "tiny.yaml", dryrun=True) == []
 
 
 def test_snakemake_report_zip(study):

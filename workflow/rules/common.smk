@@ -1,6 +1,7 @@
 # The only place with Python helpers: config validation, cell expansion,
 # wildcard constraints and input functions.
 import json
+import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from peft_core.config import CellSpec, load_study
 from peft_core.errors import InputError
 from peft_core.methods import get_method
+from peft_core.packs import group_into_packs, pack_id
 from peft_core.server import Background
 
 if not config:
@@ -27,25 +29,40 @@ LOGS = f"logs/{STUDY.name}"
 DATASETS = STUDY.dataset_names()
 METHODS = STUDY.method_names()
 TUNE = {(d, m): STUDY.tuning_cells(d, m) for d in DATASETS for m in METHODS}
-TUNE_SPECS = {s.cell_id: s for specs in TUNE.values() for s in specs}
+# Tuning cells run in packs: one job per method configuration trains its
+# lr x weight-decay cells (peft_core/packs.py says why and how staleness is kept).
+PACKS = {
+    key: {pack_id(pack): pack for pack in group_into_packs(specs)}
+    for key, specs in TUNE.items()
+}
+PACK_SPECS = {pid: pack for packs in PACKS.values() for pid, pack in packs.items()}
 REPO = Path(workflow.basedir).parent
 # Rules run `python -m peft_core.cli` from the repository root, which imports
 # peft_core from the checkout: a rule's conda env needs only the dependencies.
 ENV = "../envs/peft-core.yaml"
+
+
 # Editing any of these reruns every training cell (shared engine code);
 # each method's own file reruns only that method's cells.
+# Relative to the working directory (normally the checkout), so moving or
+# copying the project does not look like a change of code.
+def code_path(path):
+    return os.path.relpath(path)
+
+
 ENGINE_CODE = [
-    str(REPO / "peft_core" / f) for f in ("train.py", "backbones.py", "data.py")
+    code_path(REPO / "peft_core" / f) for f in ("train.py", "backbones.py", "data.py")
 ]
 # A method's own file and the private helpers it imports (e.g. _adapter.py):
 # editing them reruns only the cells of the methods that use them.
-METHOD_CODE = {m: [str(p) for p in get_method(m).code_files] for m in METHODS}
+METHOD_CODE = {m: [code_path(p) for p in get_method(m).code_files] for m in METHODS}
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     method="|".join(METHODS),
     cell=r"[0-9a-f]{10}",
+    pack=r"[0-9a-f]{10}",
     split=r"[A-Za-z0-9_]+",
 
 
@@ -67,8 +84,7 @@ def final_specs(dataset, method):
 
 
 def spec_for(wildcards):
-    if wildcards.cell in TUNE_SPECS:
-        return TUNE_SPECS[wildcards.cell]
+    """The final-run cell named by the wildcards (tuning cells run in packs)."""
     for spec in final_specs(wildcards.dataset, wildcards.method):
         if spec.cell_id == wildcards.cell:
             return spec
@@ -77,8 +93,20 @@ def spec_for(wildcards):
     )
 
 
+def pack_specs(wildcards):
+    if wildcards.pack not in PACK_SPECS:
+        raise WorkflowError(
+            f"pack {wildcards.pack} of {wildcards.dataset}/{wildcards.method} is not in the config"
+        )
+    return PACK_SPECS[wildcards.pack]
+
+
 def train_inputs(wildcards):
-    spec = spec_for(wildcards)
+    """Inputs of a final cell or a pack (all cells of a pack share them)."""
+    if "pack" in wildcards.keys():
+        spec = pack_specs(wildcards)[0]
+    else:
+        spec = spec_for(wildcards)
     return {
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
@@ -92,15 +120,34 @@ def code_stamp(method):
     return f"{RES}/code/{method}.sha256"
 
 
-def tuning_metrics(dataset, method):
-    return [f"{cell_dir(s)}/metrics.json" for s in TUNE[(dataset, method)]]
+def pack_manifests(dataset, method):
+    """The tuning packs of (dataset, method); each is written once its cells are done."""
+    return [
+        f"{RES}/packs/{dataset}/{method}/{pid}.json" for pid in PACKS[(dataset, method)]
+    ]
+
+
+def tuning_dirs(dataset, method):
+    return [cell_dir(s) for s in TUNE[(dataset, method)]]
+
+
+def final_dirs(dataset, method):
+    return [cell_dir(s) for s in final_specs(dataset, method)]
 
 
 def dataset_cells(wildcards):
     """Every cell of one data set, tuning and final; final ones wait for selection."""
-    cells = [cell_dir(s) for m in METHODS for s in TUNE[(wildcards.dataset, m)]]
-    cells += [cell_dir(s) for m in METHODS for s in final_specs(wildcards.dataset, m)]
-    return cells
+    cells = [d for m in METHODS for d in tuning_dirs(wildcards.dataset, m)]
+    return cells + [d for m in METHODS for d in final_dirs(wildcards.dataset, m)]
+
+
+def dataset_inputs(wildcards):
+    """What one data set's table waits for: its packs and its final cells."""
+    packs = [p for m in METHODS for p in pack_manifests(wildcards.dataset, m)]
+    finals = [
+        f"{d}/metrics.json" for m in METHODS for d in final_dirs(wildcards.dataset, m)
+    ]
+    return packs + finals
 
 
 def report_files():

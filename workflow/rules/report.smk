@@ -1,6 +1,6 @@
 rule aggregate_dataset:
     input:
-        metrics=lambda wc: [f"{d}/metrics.json" for d in dataset_cells(wc)],
+        cells=dataset_inputs,
         selections=expand(
             f"{RES}/selection/{{{{dataset}}}}/{{method}}.json", method=METHODS
         ),

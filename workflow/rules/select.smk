@@ -2,7 +2,7 @@
 # command refuses any cell evaluated elsewhere.
 checkpoint select_config:
     input:
-        lambda wc: tuning_metrics(wc.dataset, wc.method),
+        lambda wc: pack_manifests(wc.dataset, wc.method),
     output:
         f"{RES}/selection/{{dataset}}/{{method}}.json",
     log:
@@ -10,7 +10,7 @@ checkpoint select_config:
     conda:
         ENV
     params:
-        cells=lambda wc, input: [str(Path(p).parent) for p in input],
+        cells=lambda wc: tuning_dirs(wc.dataset, wc.method),
         split=CFG.data.tune_eval,
     shell:
         "python -m peft_core.cli select --cells {params.cells} --eval-split {params.split} --out {output} > {log} 2>&1"

@@ -16,6 +16,37 @@ rule stamp_code:
         "python -m peft_core.cli code-stamp --files {input} --out {output} > {log} 2>&1"
 
 
+# Tuning: one job per method configuration trains its lr x weight-decay cells
+# one after another, reusing any cell already done with the same spec and code
+# (peft_core/packs.py); its manifest, written last, is what selection waits for.
+rule train_pack:
+    input:
+        unpack(train_inputs),
+    output:
+        f"{RES}/packs/{{dataset}}/{{method}}/{{pack}}.json",
+    log:
+        f"{LOGS}/train_pack/{{dataset}}/{{method}}/{{pack}}.log",
+    group:
+        "train"
+    conda:
+        ENV
+    threads: CFG.compute.train.threads
+    resources:
+        gpu=CFG.compute.train.gpu,
+        mem_mb=CFG.compute.train.mem_mb,
+        runtime=lambda wc: CFG.compute.train.runtime * len(pack_specs(wc)),
+    params:
+        specs=lambda wc: [spec.canonical_json() for spec in pack_specs(wc)],
+        cells=f"{RES}/cells",
+        device=CFG.compute.train.device,
+    shell:
+        "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train} "
+        "--eval-data {input.eval} --checkpoint {input.checkpoint} --code-stamp {input.code} "
+        "--cells-root {params.cells} --manifest {output} --threads {threads} --device {params.device} "
+        "> {log} 2>&1"
+
+
+# Final runs: one job per (chosen configuration, seed), known after selection.
 rule train_cell:
     input:
         unpack(train_inputs),
@@ -41,5 +72,5 @@ rule train_cell:
         device=CFG.compute.train.device,
     shell:
         "python -m peft_core.cli train --spec-json {params.spec:q} --train-data {input.train} "
-        "--eval-data {input.eval} --checkpoint {input.checkpoint} --out {params.dir} "
-        "--threads {threads} --device {params.device} > {log} 2>&1"
+        "--eval-data {input.eval} --checkpoint {input.checkpoint} --code-stamp {input.code} "
+        "--out {params.dir} --threads {threads} --device {params.device} > {log} 2>&1"

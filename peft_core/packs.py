@@ -1,0 +1,98 @@
+"""Tuning packs: the optimiser sub-grid of one method configuration, trained by one job.
+
+The reference study tunes every method configuration over lr x weight decay
+(4 cells). Giving each cell its own Snakemake job makes the VTAB-1k study
+~13,000 jobs, and Snakemake's per-job planning cost (~2 ms a job on a 2-core
+machine) alone then exceeds half a minute; a queue wait per cell on SLURM is
+worse. A *pack* is the cells of one (dataset, method, method configuration):
+one job trains them one after another in one process.
+
+Per-cell staleness is kept by content, not by the pack: a cell's directory
+(``cells/<dataset>/<method>/<cell id>/``) is reused when its ``metrics.json``
+names the same cell id and the same code stamp (the checksum of the engine and
+the method's source files). So adding a learning rate to the grid makes a new
+pack (its id hashes its cells) whose existing cells are reused and only the
+new one trains; editing a method's file changes its code stamp, and every
+cell of that method trains again. ``snakemake --forcerun train_pack`` reruns
+packs but still reuses unchanged cells; delete a cell directory to retrain it.
+
+A pack's output is a manifest written last and atomically: a pack killed
+mid-cell has no manifest, so Snakemake reruns it, and the rerun reuses the
+cells that finished and resumes a preempted one from its saved state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import CellSpec, cell_hash
+from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, read_json, write_json
+
+CELL_FILES = (SPEC, PREDICTIONS, WEIGHTS, METRICS)
+
+
+def pack_id(specs: list[CellSpec]) -> str:
+    """10 hex characters naming exactly this list of cells."""
+    return cell_hash({"pack": [s.cell_id for s in specs]})
+
+
+def group_into_packs(specs: list[CellSpec]) -> list[list[CellSpec]]:
+    """Consecutive cells sharing everything but lr and weight decay form one pack (order kept)."""
+    packs: list[list[CellSpec]] = []
+    last_key = None
+    for spec in specs:
+        key = json.dumps(spec.model_dump(mode="json", exclude={"lr", "weight_decay"}), sort_keys=True)
+        if key != last_key:
+            packs.append([])
+            last_key = key
+        packs[-1].append(spec)
+    return packs
+
+
+def cell_path(cells_root: str | Path, spec: CellSpec) -> Path:
+    return Path(cells_root) / spec.dataset / spec.method / spec.cell_id
+
+
+def read_code_stamp(path: str | Path) -> str:
+    """One checksum for a ``peft-core code-stamp`` file (which lists one checksum per source file)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def is_complete(cell_dir: Path, spec: CellSpec, code: str) -> bool:
+    """All outputs present, and metrics.json (written last) is of this cell and this code."""
+    if not all((cell_dir / name).is_file() for name in CELL_FILES):
+        return False
+    try:
+        metrics = read_json(cell_dir / METRICS)
+    except (OSError, ValueError):
+        return False
+    return metrics.get("cell") == spec.cell_id and metrics.get("code") == code
+
+
+def run_pack(
+    specs: list[CellSpec],
+    train_cell: Callable[[CellSpec, Path], dict[str, Any]],
+    cells_root: str | Path,
+    code: str,
+    manifest: str | Path,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Train (or reuse) each cell in order, then write the manifest; returns its rows."""
+    rows = []
+    for spec in specs:
+        out = cell_path(cells_root, spec)
+        reused = is_complete(out, spec, code)
+        if reused:
+            metrics = read_json(out / METRICS)
+            log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: reused (same spec and code)")
+        else:
+            metrics = train_cell(spec, out)
+        rows.append(
+            {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
+             "accuracy": metrics["accuracy"], "reused": reused}
+        )  # fmt: skip
+    write_json(manifest, {"pack": pack_id(specs), "code": code, "cells": rows})
+    return rows
