@@ -34,6 +34,6 @@ def test_dry_run_with_slurm_profile_needs_no_cluster(tmp_path):
     # partition/account come from sbatch's own variables, per job
     resources = re.findall(r"resources: (.*)", out)
     assert resources and all("slurm_partition=gpu-test" in r and "slurm_account=lab-test" in r for r in resources)
-    # training cells carry compute.train (tiny.yaml: gpu 0, 1000 MB, 5 min)
-    train = re.search(r"rule train_cell:.*?resources: ([^\n]*)", out, re.DOTALL)
+    # tuning packs carry compute.train (tiny.yaml: gpu 0, 1000 MB, 5 min per cell; one cell each here)
+    train = re.search(r"rule train_pack:.*?resources: ([^\n]*)", out, re.DOTALL)
     assert train and "gpu=0" in train.group(1) and "mem_mb=1000" in train.group(1) and "runtime=5" in train.group(1)
