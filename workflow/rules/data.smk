@@ -1,3 +1,5 @@
+import re
+
 SPLITS = [
     CFG.data.tune_train,
     CFG.data.tune_eval,
@@ -41,6 +43,26 @@ if CFG.backbone.pretrain is not None:
             "--threads {threads} > {log} 2>&1"
 
 
+def split_listing(root, split, layout):
+    """What lists one split under a data-set folder: a file (vtab, csv) or a folder (imagefolder)."""
+    suffix = {"vtab": ".txt", "csv": ".csv", "imagefolder": ""}[layout]
+    return f"{root}/{split}{suffix}"
+
+
+def one_of(names):
+    """A wildcard regex matching exactly ``names`` (nothing at all when empty)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+# Data sets in the default place and layout (data.root, vtab) use cache_split;
+# the others cache_split_layout, so that studies in the default layout keep
+# their recorded jobs unchanged (no cache, hence no cell, reruns).
+DEFAULT_LAYOUT = [
+    d for d in DATASETS if STUDY.data_location(d) == (CFG.data.root, "vtab")
+]
+OTHER_LAYOUT = [d for d in DATASETS if d not in DEFAULT_LAYOUT]
+
+
 rule cache_split:
     input:
         f"{CFG.data.root}/{{dataset}}/{{split}}.txt",
@@ -48,6 +70,8 @@ rule cache_split:
         f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
     log:
         f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+    wildcard_constraints:
+        dataset=one_of(DEFAULT_LAYOUT),
     conda:
         ENV
     params:
@@ -57,3 +81,30 @@ rule cache_split:
     shell:
         "python -m peft_core.cli cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
         "--size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"
+
+
+if OTHER_LAYOUT:
+
+    rule cache_split_layout:
+        input:
+            lambda wc: split_listing(
+                f"{STUDY.data_location(wc.dataset)[0]}/{wc.dataset}",
+                wc.split,
+                STUDY.data_location(wc.dataset)[1],
+            ),
+        output:
+            f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
+        log:
+            f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+        wildcard_constraints:
+            dataset=one_of(OTHER_LAYOUT),
+        conda:
+            ENV
+        params:
+            root=lambda wc: STUDY.data_location(wc.dataset)[0],
+            layout=lambda wc: STUDY.data_location(wc.dataset)[1],
+            size=CFG.data.image_size,
+            num_classes=lambda wc: CFG.datasets[wc.dataset].num_classes,
+        shell:
+            "python -m peft_core.cli cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
+            "--layout {params.layout} --size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"
