@@ -201,9 +201,11 @@ def cmd_robustness(a) -> int:
     for path in [*a.tables, *(a.selections or [])]:
         if not Path(path).is_file():
             raise InputError(f"{path}: file not found")
+    from .train import pick_device
+
     torch.set_num_threads(a.threads)
     rows = robustness_rows([Path(t) for t in a.tables], Path(a.results), [Path(s) for s in a.selections or []],
-                           plan, caches, a.checkpoint)  # fmt: skip
+                           plan, caches, a.checkpoint, pick_device(a.device))  # fmt: skip
     write_parquet(a.out, rows)
     print(f"{a.out}: {len(rows)} rows ({rows.cell.nunique()} final runs)")
     return 0
@@ -362,6 +364,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval", nargs="+", required=True, help="NAME=cache.pt for each set of the plan")
     s.add_argument("--checkpoint", default=None, help="pre-trained backbone (default: each cell's)")
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--out", required=True, help="output .parquet")
     s.set_defaults(fn=cmd_robustness)
 

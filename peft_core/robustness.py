@@ -75,11 +75,11 @@ def plan_sets(plan: dict[str, Any], caches: dict[str, str]) -> list[EvalSet]:
     return out
 
 
-def load_eval(es: EvalSet):
-    """The cached split, with its labels checked against the class map."""
+def load_eval(es: EvalSet, device: torch.device | str = "cpu"):
+    """The cached split (on ``device``), with its labels checked against the class map."""
     from .data import load_split
 
-    split = load_split(es.cache)
+    split = load_split(es.cache, device)
     if es.class_map is not None and len(split.labels) and int(split.labels.max()) >= len(es.class_map):
         raise InputError(
             f"{es.cache}: label {int(split.labels.max())} of eval set {es.name!r} has no entry in its "
@@ -101,7 +101,11 @@ def score(model: torch.nn.Module, spec, sets: list[tuple[EvalSet, Any]]) -> list
 
 
 def cell_rows(
-    cell_dir: Path, sets: list[tuple[EvalSet, Any]], alphas: list[float], checkpoint: str | Path | None = None
+    cell_dir: Path,
+    sets: list[tuple[EvalSet, Any]],
+    alphas: list[float],
+    checkpoint: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Rows of one final run: every alpha if its method merges, else alpha = 1 only."""
     from .merge import load_cell_model
@@ -113,7 +117,7 @@ def cell_rows(
     models = wise_models(spec, model, alphas, checkpoint) if mergeable else iter([(1.0, model)])
     rows = []
     for alpha, m in models:
-        for es, acc, n in score(m, spec, sets):
+        for es, acc, n in score(m.to(device), spec, sets):
             rows.append(
                 {"dataset": spec.dataset, "method": spec.method, "mergeable": mergeable, "cell": spec.cell_id,
                  "seed": spec.seed, "alpha": float(alpha), "eval_set": es.name, "shift": es.shift, "split": es.split,
@@ -153,6 +157,7 @@ def robustness_rows(
     plan: dict[str, Any],
     caches: dict[str, str],
     checkpoint: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> pd.DataFrame:
     """Every final run of the tables, scored along the alpha grid on every eval set of the plan."""
     from .results import read_json
@@ -160,12 +165,12 @@ def robustness_rows(
     alphas = [float(a) for a in plan.get("alphas") or [1.0]]
     if not all(0.0 <= a <= 1.0 for a in alphas):
         raise InputError(f"alphas: each must be within [0, 1] (got {alphas})")
-    sets = [(es, load_eval(es)) for es in plan_sets(plan, caches)]
+    sets = [(es, load_eval(es, device)) for es in plan_sets(plan, caches)]
     chosen = [read_json(p) for p in selections]
     rows: list[dict[str, Any]] = []
     for table in tables:
         for cell in final_cells(pd.read_parquet(table), results_root, chosen):
-            rows += cell_rows(cell, sets, alphas, checkpoint)
+            rows += cell_rows(cell, sets, alphas, checkpoint, device)
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 

@@ -120,10 +120,11 @@ rule robustness:
         evals=lambda wc: [f"{n}={p}" for n, p in eval_caches(wc.dataset).items()],
         # RES: the tables sit in RES/tables/
         results=lambda wc, input: Path(input.table).parent.parent,
+        device=CFG.compute.train.device,
     shell:
         "python -m peft_core.cli robustness --tables {input.table} --selections {input.selections} "
         "--results {params.results} --plan {params.plan:q} --eval {params.evals} "
-        "--checkpoint {input.checkpoint} --threads {threads} --out {output} > {log} 2>&1"
+        "--checkpoint {input.checkpoint} --threads {threads} --device {params.device} --out {output} > {log} 2>&1"
 
 
 rule robustness_report:
