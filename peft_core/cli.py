@@ -360,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tables", nargs="+", required=True, help="the data set's table from `aggregate`")
     s.add_argument("--selections", nargs="*", default=[], help="its selection files (checked against the final runs)")
     s.add_argument("--results", required=True, help="study results directory holding cells/")
-    s.add_argument("--plan", required=True, help="JSON: {alphas, sets: {name: {shift, split, class_map}}}")
+    s.add_argument("--plan", required=True, help="JSON: {alphas, sets: {name: {distribution, split, class_map}}}")
     s.add_argument("--eval", nargs="+", required=True, help="NAME=cache.pt for each set of the plan")
     s.add_argument("--checkpoint", default=None, help="pre-trained backbone (default: each cell's)")
     s.add_argument("--threads", type=int, default=1)

@@ -35,7 +35,7 @@ import torch
 from .errors import InputError
 
 ROW_COLUMNS = [
-    "dataset", "method", "mergeable", "cell", "seed", "alpha", "eval_set", "shift", "split",
+    "dataset", "method", "mergeable", "cell", "seed", "alpha", "eval_set", "distribution", "split",
     "accuracy", "n_eval", "n_classes",
 ]  # fmt: skip
 ID_SET = "id"
@@ -43,10 +43,10 @@ ID_SET = "id"
 
 @dataclass(frozen=True)
 class EvalSet:
-    """One test set: the ID test split (``shift == "id"``) or a shifted one."""
+    """One test set: the ID test split (``distribution == "id"``) or a shifted one."""
 
     name: str
-    shift: str
+    distribution: str  # "id" or "ood"
     split: str
     cache: Path
     class_map: tuple[int, ...] | None = None
@@ -64,14 +64,15 @@ def restricted_argmax(logits: torch.Tensor, class_map: Sequence[int] | None) -> 
 
 
 def plan_sets(plan: dict[str, Any], caches: dict[str, str]) -> list[EvalSet]:
-    """The eval sets of a plan (``{"sets": {name: {shift, split, class_map}}}``) with their cache files."""
+    """The eval sets of a plan (``{"sets": {name: {distribution, split, class_map}}}``) with their cache files."""
     sets = plan.get("sets") or {}
     if set(sets) != set(caches):
         raise InputError(f"--eval: caches for {sorted(caches)}, but the plan names {sorted(sets)}")
     out = []
     for name, s in sets.items():
         cmap = s.get("class_map")
-        out.append(EvalSet(name, s["shift"], s["split"], Path(caches[name]), tuple(cmap) if cmap is not None else None))
+        cmap = tuple(cmap) if cmap is not None else None
+        out.append(EvalSet(name, s["distribution"], s["split"], Path(caches[name]), cmap))
     return out
 
 
@@ -120,8 +121,8 @@ def cell_rows(
         for es, acc, n in score(m.to(device), spec, sets):
             rows.append(
                 {"dataset": spec.dataset, "method": spec.method, "mergeable": mergeable, "cell": spec.cell_id,
-                 "seed": spec.seed, "alpha": float(alpha), "eval_set": es.name, "shift": es.shift, "split": es.split,
-                 "accuracy": acc, "n_eval": n,
+                 "seed": spec.seed, "alpha": float(alpha), "eval_set": es.name, "distribution": es.distribution,
+                 "split": es.split, "accuracy": acc, "n_eval": n,
                  "n_classes": len(es.class_map) if es.class_map is not None else spec.num_classes}
             )  # fmt: skip
     return rows
@@ -177,10 +178,10 @@ def robustness_rows(
 def build_plan(study, dataset: str) -> dict[str, Any]:
     """What the robustness stage of one data set evaluates (class maps resolved): the rule's params."""
     sets: dict[str, dict[str, Any]] = {
-        ID_SET: {"shift": "id", "split": study.cfg.data.final_eval, "class_map": None}
+        ID_SET: {"distribution": "id", "split": study.cfg.data.final_eval, "class_map": None}
     }
     for name, ood in study.ood_sets(dataset).items():
-        sets[name] = {"shift": "ood", "split": ood.split, "class_map": study.ood_class_map(dataset, name)}
+        sets[name] = {"distribution": "ood", "split": ood.split, "class_map": study.ood_class_map(dataset, name)}
     return {"dataset": dataset, "alphas": study.robustness_alphas(), "sets": sets}
 
 

@@ -66,7 +66,7 @@ def test_class_map_from_a_file_with_comments(tmp_path):
     study = load_study(raw)
     assert study.ood_class_map("digits", "sub") == [3, 1]
     assert study.ood_num_classes("digits", "sub") == 2
-    assert build_plan(study, "digits")["sets"]["sub"] == {"shift": "ood", "split": "test", "class_map": [3, 1]}
+    assert build_plan(study, "digits")["sets"]["sub"] == {"distribution": "ood", "split": "test", "class_map": [3, 1]}
     assert study.robustness_alphas() == [0.0, 0.5, 1.0]
 
 
@@ -247,10 +247,10 @@ def _rows() -> pd.DataFrame:
     for method, mergeable in (("full", True), ("lora", True), ("vpt_deep", False)):
         for seed in (0, 1):
             for alpha in (0.0, 0.5, 1.0) if mergeable else (1.0,):
-                for es, shift, split in (("id", "id", "test"), ("colour", "ood", "test"), ("sketch", "ood", "val")):
-                    acc = 0.5 + 0.3 * alpha + (0.05 if shift == "id" else -0.1 * alpha) + 0.01 * seed
+                for es, dist, split in (("id", "id", "test"), ("colour", "ood", "test"), ("sketch", "ood", "val")):
+                    acc = 0.5 + 0.3 * alpha + (0.05 if dist == "id" else -0.1 * alpha) + 0.01 * seed
                     rows.append({"dataset": "digits", "method": method, "mergeable": mergeable, "cell": f"{method}{seed}",
-                                 "seed": seed, "alpha": alpha, "eval_set": es, "shift": shift, "split": split,
+                                 "seed": seed, "alpha": alpha, "eval_set": es, "distribution": dist, "split": split,
                                  "accuracy": acc, "n_eval": 100, "n_classes": 10})  # fmt: skip
     return pd.DataFrame(rows)
 
