@@ -1,5 +1,3 @@
-import re
-
 SPLITS = [
     CFG.data.tune_train,
     CFG.data.tune_eval,
@@ -41,26 +39,6 @@ if CFG.backbone.pretrain is not None:
         shell:
             "python -m peft_core.cli pretrain-demo --backbone-json {params.backbone:q} --out {output} "
             "--threads {threads} > {log} 2>&1"
-
-
-def split_listing(root, split, layout):
-    """What lists one split under a data-set folder: a file (vtab, csv) or a folder (imagefolder)."""
-    suffix = {"vtab": ".txt", "csv": ".csv", "imagefolder": ""}[layout]
-    return f"{root}/{split}{suffix}"
-
-
-def one_of(names):
-    """A wildcard regex matching exactly ``names`` (nothing at all when empty)."""
-    return "|".join(re.escape(n) for n in names) or "(?!)"
-
-
-# Data sets in the default place and layout (data.root, vtab) use cache_split;
-# the others cache_split_layout, so that studies in the default layout keep
-# their recorded jobs unchanged (no cache, hence no cell, reruns).
-DEFAULT_LAYOUT = [
-    d for d in DATASETS if STUDY.data_location(d) == (CFG.data.root, "vtab")
-]
-OTHER_LAYOUT = [d for d in DATASETS if d not in DEFAULT_LAYOUT]
 
 
 rule cache_split:
