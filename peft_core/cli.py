@@ -222,6 +222,18 @@ def cmd_robustness_report(a) -> int:
     return 0
 
 
+def cmd_zeroshot_head(a) -> int:
+    from .results import write_safetensors
+    from .zeroshot import TEMPLATES, load_clip, read_class_names, text_head
+
+    names = read_class_names(a.classes)
+    model, tokenizer = load_clip(a.model, a.checkpoint)
+    head = text_head(model, tokenizer, names, a.templates or TEMPLATES)
+    write_safetensors(a.out, {"weight": head.contiguous()}, metadata={"model": a.model, "classes": str(len(names))})
+    print(f"{a.out}: zero-shot head {tuple(head.shape)}")
+    return 0
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -373,6 +385,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tables", nargs="+", required=True)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(fn=cmd_robustness_report)
+
+    s = sub.add_parser("zeroshot-head", help="CLIP zero-shot head from class names (needs the `clip` extra)")
+    s.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    s.add_argument("--checkpoint", required=True, help="local open_clip checkpoint of that architecture")
+    s.add_argument("--classes", required=True, help="text file, one class name per line in label order")
+    s.add_argument("--templates", nargs="+", default=None, help="prompt templates with {} (default: 'a photo of a {}.')")
+    s.add_argument("--out", required=True, help="output .safetensors (key 'weight': classes x embed_dim)")
+    s.set_defaults(fn=cmd_zeroshot_head)
 
     s = sub.add_parser("params", help="trainable-parameter count of a method on a timm model (random weights)")
     s.add_argument("--backbone", required=True)
