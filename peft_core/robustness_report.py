@@ -46,7 +46,7 @@ def curve_frame(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["dataset", "method", "mergeable", "alpha", "seeds"])
     keys = ["dataset", "method", "mergeable", "alpha"]
     wide = rows.pivot_table(index=keys + ["seed"], columns="eval_set", values="accuracy", sort=False).reset_index()
-    sets = [s for s in dict.fromkeys(rows.eval_set)]
+    sets = sorted(dict.fromkeys(rows.eval_set), key=lambda s: s != ID_SET)  # ID first, then listed order
     agg = {s: (s, "mean") for s in sets if s in wide}
     out = wide.groupby(keys, sort=False).agg(seeds=("seed", "nunique"), **agg).reset_index()
     ood = [s for s in sets if s != ID_SET]

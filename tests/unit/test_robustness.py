@@ -262,6 +262,7 @@ def test_curve_frame_means_over_seeds():
     assert r["ood_mean"] == pytest.approx(0.5 + 0.15 - 0.05 + 0.005)
     assert list(c[c.method == "vpt_deep"].alpha) == [1.0]
     assert list(dict.fromkeys(c.method)) == ["full", "lora", "vpt_deep"]
+    assert list(c.columns[5:]) == ["id", "colour", "sketch", "ood_mean"]
 
 
 def test_report_renders(tmp_path):
