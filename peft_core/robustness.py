@@ -89,12 +89,35 @@ def load_eval(es: EvalSet, device: torch.device | str = "cpu"):
     return split
 
 
-def score(model: torch.nn.Module, spec, sets: list[tuple[EvalSet, Any]]) -> list[tuple[EvalSet, float, int]]:
-    """(eval set, accuracy, n) of one model on each set."""
+def own_predictions(cell_dir: Path, spec, es: EvalSet, split) -> tuple[float, int] | None:
+    """The run's saved accuracy on ``es`` when ``es`` is the very split it was evaluated on (same labels)."""
+    from .results import PREDICTIONS
+
+    path = cell_dir / PREDICTIONS
+    if es.distribution != "id" or es.class_map is not None or es.split != spec.eval_split or not path.is_file():
+        return None
+    p = pd.read_parquet(path).sort_values("index")
+    if len(p) != len(split.labels) or not (p.label.to_numpy() == split.labels.cpu().numpy()).all():
+        return None
+    return float((p.pred == p.label).mean()), len(p)
+
+
+def score(
+    model: torch.nn.Module, spec, sets: list[tuple[EvalSet, Any]], cell_dir: Path | None = None
+) -> list[tuple[EvalSet, float, int]]:
+    """(eval set, accuracy, n) of one model on each set.
+
+    With ``cell_dir`` the model is that cell's fine-tuned model (alpha = 1):
+    on the split the run was evaluated on, its saved predictions are used.
+    """
     from .train import evaluate
 
     out = []
     for es, split in sets:
+        saved = own_predictions(cell_dir, spec, es, split) if cell_dir is not None else None
+        if saved is not None:
+            out.append((es, *saved))
+            continue
         pred = restricted_argmax(evaluate(model, spec, split.images), es.class_map)
         n = len(split.labels)
         out.append((es, float((pred == split.labels).float().mean()) if n else math.nan, n))
@@ -108,17 +131,24 @@ def cell_rows(
     checkpoint: str | Path | None = None,
     device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Rows of one final run: every alpha if its method merges, else alpha = 1 only."""
+    """Rows of one final run: every alpha if its method merges, else alpha = 1 only.
+
+    alpha = 1 is always the fine-tuned model as trained (not its merged copy),
+    scored before merging (a method's merge may fold its modules in place).
+    """
     from .merge import load_cell_model
     from .methods import get_method
     from .wise import wise_models
 
     spec, model = load_cell_model(cell_dir, checkpoint)
     mergeable = get_method(spec.method).mergeable
-    models = wise_models(spec, model, alphas, checkpoint) if mergeable else iter([(1.0, model)])
+    scored = [(1.0, score(model.to(device), spec, sets, cell_dir))] if 1.0 in alphas or not mergeable else []
+    if mergeable:
+        others = [a for a in alphas if a != 1.0]
+        scored += [(alpha, score(m.to(device), spec, sets)) for alpha, m in wise_models(spec, model, others, checkpoint)]
     rows = []
-    for alpha, m in models:
-        for es, acc, n in score(m.to(device), spec, sets):
+    for alpha, results in sorted(scored, key=lambda t: t[0]):
+        for es, acc, n in results:
             rows.append(
                 {"dataset": spec.dataset, "method": spec.method, "mergeable": mergeable, "cell": spec.cell_id,
                  "seed": spec.seed, "alpha": float(alpha), "eval_set": es.name, "distribution": es.distribution,
