@@ -207,6 +207,71 @@ def cmd_ensembles(a) -> int:
     return 0
 
 
+def cmd_make_demo_shift(a) -> int:
+    from .demo import write_shifted_folder
+
+    print(f"wrote {write_shifted_folder(a.dataset, a.root, a.split)}")
+    return 0
+
+
+def _named_paths(items: list[str], flag: str) -> dict[str, str]:
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise InputError(f"{flag} {bad[0]!r}: expected NAME=path")
+    out = dict(item.split("=", 1) for item in items)
+    for path in out.values():
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+    return out
+
+
+def cmd_robustness(a) -> int:
+    import torch
+
+    from .results import write_parquet
+    from .robustness import robustness_rows
+
+    try:
+        plan = json.loads(a.plan)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--plan: not JSON ({err})") from None
+    caches = _named_paths(a.eval, "--eval")
+    for path in [*a.tables, *(a.selections or [])]:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+    from .train import pick_device
+
+    torch.set_num_threads(a.threads)
+    rows = robustness_rows([Path(t) for t in a.tables], Path(a.results), [Path(s) for s in a.selections or []],
+                           plan, caches, a.checkpoint, pick_device(a.device))  # fmt: skip
+    write_parquet(a.out, rows)
+    print(f"{a.out}: {len(rows)} rows ({rows.cell.nunique()} final runs)")
+    return 0
+
+
+def cmd_robustness_report(a) -> int:
+    from .robustness_report import build_robustness_report
+
+    for path in a.tables:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+    rows = build_robustness_report(a.study, [Path(t) for t in a.tables], Path(a.out_dir))
+    print(f"{a.out_dir}: robustness report of {len(rows)} rows")
+    return 0
+
+
+def cmd_zeroshot_head(a) -> int:
+    from .results import write_safetensors
+    from .zeroshot import TEMPLATES, load_clip, read_class_names, text_head
+
+    names = read_class_names(a.classes)
+    model, tokenizer = load_clip(a.model, a.checkpoint)
+    head = text_head(model, tokenizer, names, a.templates or TEMPLATES)
+    write_safetensors(a.out, {"weight": head.contiguous()}, metadata={"model": a.model, "classes": str(len(names))})
+    print(f"{a.out}: zero-shot head {tuple(head.shape)}")
+    return 0
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -344,6 +409,38 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True)
     s.set_defaults(fn=cmd_ensembles)
 
+    s = sub.add_parser("make-demo-shift", help="write a colour/background-shifted copy of a demo data set's test split")
+    s.add_argument("--root", required=True, help="folder to hold <split>.txt and images/")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--split", default="test")
+    s.set_defaults(fn=cmd_make_demo_shift)
+
+    s = sub.add_parser("robustness", help="WiSE-FT along alpha of one data set's final runs on ID and shifted test sets")
+    s.add_argument("--tables", nargs="+", required=True, help="the data set's table from `aggregate`")
+    s.add_argument("--selections", nargs="*", default=[], help="its selection files (checked against the final runs)")
+    s.add_argument("--results", required=True, help="study results directory holding cells/")
+    s.add_argument("--plan", required=True, help="JSON: {alphas, sets: {name: {distribution, split, class_map}}}")
+    s.add_argument("--eval", nargs="+", required=True, help="NAME=cache.pt for each set of the plan")
+    s.add_argument("--checkpoint", default=None, help="pre-trained backbone (default: each cell's)")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--out", required=True, help="output .parquet")
+    s.set_defaults(fn=cmd_robustness)
+
+    s = sub.add_parser("robustness-report", help="robustness.{md,html,parquet} from the per-data-set tables")
+    s.add_argument("--study", required=True)
+    s.add_argument("--tables", nargs="+", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(fn=cmd_robustness_report)
+
+    s = sub.add_parser("zeroshot-head", help="CLIP zero-shot head from class names (needs the `clip` extra)")
+    s.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    s.add_argument("--checkpoint", required=True, help="local open_clip checkpoint of that architecture")
+    s.add_argument("--classes", required=True, help="text file, one class name per line in label order")
+    s.add_argument("--templates", nargs="+", default=None, help="prompt templates with {} (default: 'a photo of a {}.')")
+    s.add_argument("--out", required=True, help="output .safetensors (key 'weight': classes x embed_dim)")
+    s.set_defaults(fn=cmd_zeroshot_head)
+
     s = sub.add_parser("params", help="trainable-parameter count of a method on a timm model (random weights)")
     s.add_argument("--backbone", required=True)
     s.add_argument("--method", required=True)
@@ -449,7 +546,7 @@ def cmd_serve(a) -> int:
 
 
 # Commands worth sending to a running fork server (they import torch + timm).
-FORWARDED = {"train", "train-pack"}
+FORWARDED = {"train", "train-pack", "robustness"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,67 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Layout = Literal["vtab", "imagefolder", "csv"]
+LAYOUT_HELP = (
+    "vtab: <split>.txt of 'relative/path label' lines; csv: <split>.csv with a path,label header; "
+    "imagefolder: <split>/<class_name>/<image> (labels = sorted folder index); see peft_core/data.py"
+)
+
+
+class OodSpec(Strict):
+    """A shifted (out-of-distribution) test set of an ID data set: evaluated only, never trained or selected on.
+
+    A subset-class set (ImageNet-A/-R use 200 of ImageNet-1k's 1000 classes)
+    gives ``class_map``: entry ``i`` is the ID class of this set's label ``i``;
+    the model's logits are restricted to those classes before the argmax.
+    """
+
+    root: str = Field(
+        description="folder holding the split: <root>/<split>.txt (vtab), <root>/<split>.csv (csv) "
+        "or <root>/<split>/<class_name>/<image> (imagefolder)"
+    )
+    layout: Layout | None = Field(None, description=f"default vtab. {LAYOUT_HELP}")
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$", description="split name (file or folder)")
+    num_classes: int | None = Field(
+        None, ge=1, description="classes of this set (default: len(class_map), else the ID data set's)"
+    )
+    class_map: list[Annotated[int, Field(ge=0)]] | str | None = Field(
+        None,
+        description="ID class index of each of this set's classes, as a list or a text file of one index "
+        "per line (# comments); logits are restricted to these classes before the argmax",
+    )
+    generator: Literal["demo"] | None = Field(
+        None, description="demo only: the workflow makes this set, a colour/background shift of the ID test split"
+    )
+
+
 class DatasetSpec(Strict):
     num_classes: int = Field(ge=2, description="number of classes (labels are 0..num_classes-1)")
     group: Literal["natural", "specialized", "structured"] = Field(description="VTAB group tag")
+    layout: Layout | None = Field(None, description=f"on-disk layout of <root>/<dataset>/, default vtab. {LAYOUT_HELP}")
+    root: str | None = Field(None, description="folder holding <dataset>/ (default: data.root)")
+    ood: dict[Annotated[str, Field(pattern=NAME)], OodSpec] | None = Field(
+        None, description="shifted test sets: name -> where they are (WiSE-FT robustness analysis)"
+    )
+
+
+def _default_alphas() -> list[float]:
+    return [round(i / 10, 1) for i in range(11)]
+
+
+class RobustnessConfig(Strict):
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=_default_alphas,
+        min_length=1,
+        description="WiSE-FT mixing coefficients: 0 = pre-trained backbone (fine-tuned head), 1 = fine-tuned model",
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _distinct(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"alphas must be distinct (got {v})")
+        return sorted(v)
 
 
 class DataConfig(Strict):
@@ -217,6 +275,10 @@ def study_model() -> type[BaseModel]:
         train=(TrainConfig, Field(default_factory=TrainConfig)),
         compute=(ComputeConfig, Field(default_factory=ComputeConfig)),
         published=(str | None, Field(None, description="CSV of published accuracies shown beside ours")),
+        robustness=(
+            RobustnessConfig | None,
+            Field(None, description="WiSE-FT analysis of the data sets that declare `ood` sets"),
+        ),
     )
 
 
@@ -347,6 +409,80 @@ class Study:
         d = self.cfg.data
         return chosen.model_copy(update={"train_split": d.final_train, "eval_split": d.final_eval, "seed": seed})
 
+    # ------------------------------------------------------------- data locations, shifted sets
+
+    def data_location(self, dataset: str) -> tuple[str, str]:
+        """(folder holding ``<dataset>/``, layout) of an ID data set; defaults: data.root, vtab."""
+        spec = self.cfg.datasets[dataset]
+        return spec.root or self.cfg.data.root, spec.layout or "vtab"
+
+    def ood_sets(self, dataset: str) -> dict[str, OodSpec]:
+        """The shifted test sets declared for ``dataset`` (name -> spec), in listed order."""
+        return dict(self.cfg.datasets[dataset].ood or {})
+
+    def ood_class_map(self, dataset: str, name: str) -> list[int] | None:
+        """ID class of each class of a shifted set (None: the same classes as the ID set)."""
+        cmap = self.ood_sets(dataset)[name].class_map
+        return read_class_map(cmap) if isinstance(cmap, str) else (list(cmap) if cmap is not None else None)
+
+    def ood_num_classes(self, dataset: str, name: str) -> int:
+        ood, cmap = self.ood_sets(dataset)[name], self.ood_class_map(dataset, name)
+        return ood.num_classes or (len(cmap) if cmap is not None else self.cfg.datasets[dataset].num_classes)
+
+    def robustness_alphas(self) -> list[float]:
+        return list((self.cfg.robustness or RobustnessConfig()).alphas)
+
+
+def read_class_map(path: str | Path) -> list[int]:
+    """A class-map text file: one integer per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: class map file not found")
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not text.isdigit():
+            raise InputError(f"{path}:{lineno}: expected a non-negative class index, got {text!r}")
+        out.append(int(text))
+    if not out:
+        raise InputError(f"{path}: class map is empty")
+    return out
+
+
+def check_ood(study: Study) -> None:
+    """Class maps must be a one-to-one map into the ID classes, of the shifted set's length."""
+    for dataset in study.dataset_names():
+        n_id = study.cfg.datasets[dataset].num_classes
+        for name, ood in study.ood_sets(dataset).items():
+            field = f"datasets.{dataset}.ood.{name}"
+            if name == "id":
+                raise InputError(f"{field}: 'id' names the in-distribution test split; choose another name")
+            if ood.generator == "demo" and (ood.layout or "vtab") != "vtab":
+                raise InputError(f"{field}.layout: a demo-generated set is written in the vtab layout")
+            try:
+                cmap = study.ood_class_map(dataset, name)
+            except InputError as err:
+                raise InputError(f"{field}.class_map: {err}") from None
+            if cmap is None:
+                if ood.num_classes not in (None, n_id):
+                    raise InputError(
+                        f"{field}.num_classes: {ood.num_classes} classes but {dataset} has {n_id}; "
+                        "give a class_map (ID class of each of this set's classes)"
+                    )
+                continue
+            bad = next((i for i, c in enumerate(cmap) if not 0 <= c < n_id), None)
+            if bad is not None:
+                raise InputError(f"{field}.class_map[{bad}]: class {cmap[bad]} outside {dataset}'s 0..{n_id - 1}")
+            seen: dict[int, int] = {}
+            for i, c in enumerate(cmap):
+                if c in seen:
+                    raise InputError(f"{field}.class_map[{i}]: class {c} already mapped by entry {seen[c]}")
+                seen[c] = i
+            if ood.num_classes is not None and ood.num_classes != len(cmap):
+                raise InputError(f"{field}.class_map: {len(cmap)} entries, but num_classes is {ood.num_classes}")
+
 
 def load_study(raw: dict[str, Any] | str | Path) -> Study:
     """Validate a study config (a dict or a YAML path); one-line InputError on failure."""
@@ -357,9 +493,11 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
         raw = yaml.safe_load(path.read_text()) or {}
     try:
         order = list(raw.get("methods") or {}) if isinstance(raw.get("methods"), dict) else []
-        return Study(study_model().model_validate(raw), order)
+        study = Study(study_model().model_validate(raw), order)
     except ValidationError as err:
         raise InputError(format_validation_error(err)) from None
+    check_ood(study)
+    return study
 
 
 # --------------------------------------------------------------------- cells

@@ -209,6 +209,46 @@ def write_vtab_folder(name: str, root: str | Path) -> Path:
     return out
 
 
+def colour_shift(images: np.ndarray, name: str) -> np.ndarray:
+    """A synthetic distribution shift: recolour strokes and background, with stripes on half the images.
+
+    Pixel brightness is the figure mask (the demo's ``digits`` are light strokes
+    on black): the figure gets a random bright colour, the background a random
+    dark colour or two-colour stripes. Labels are unchanged.
+    """
+    rng = _rng(name, salt=1)
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        mask = img.astype(np.float32).mean(axis=2, keepdims=True) / 255.0
+        if rng.random() < 0.5:
+            f, a = rng.uniform(1.5, 4) * 2 * np.pi / SIZE, rng.uniform(0, np.pi)
+            t = np.sin(f * (_xx * np.cos(a) + _yy * np.sin(a))) > 0
+            bg = np.where(t[:, :, None], _colour(rng, 0, 0.45), _colour(rng, 0, 0.45))
+        else:
+            bg = np.broadcast_to(_colour(rng, 0, 0.45), (SIZE, SIZE, 3))
+        out[i] = _finish(bg * (1 - mask) + _colour(rng, 0.55, 1.0) * mask, rng)
+    return out
+
+
+def write_shifted_folder(name: str, root: str | Path, split: str = "test") -> Path:
+    """Write the colour-shifted final test images of ``name`` as ``<root>/{images/*.png, <split>.txt}``."""
+    from PIL import Image
+
+    images, labels = make_dataset(name)
+    images, labels = colour_shift(images[N_TRAIN + N_VAL :], name), labels[N_TRAIN + N_VAL :]
+    out = Path(root)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        rel = f"images/{i:05d}.png"
+        Image.fromarray(img).save(out / rel, optimize=False, compress_level=1)
+        lines.append(f"{rel} {int(y)}")
+    tmp = out / f".{split}.txt.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / f"{split}.txt")
+    return out
+
+
 # ----------------------------------------------------------------- upstream task
 
 UPSTREAM_SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")

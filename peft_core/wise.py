@@ -12,12 +12,14 @@ backbone read out by the fine-tuned head and ``alpha = 1`` the fine-tuned model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import backbones
+from .config import CellSpec
 from .data import load_split
 from .errors import InputError
 from .merge import load_cell_model
@@ -44,6 +46,31 @@ def head_keys(model: torch.nn.Module) -> set[str]:
 
 
 @torch.no_grad()
+def wise_models(
+    spec: CellSpec,
+    model: torch.nn.Module,
+    alphas: list[float],
+    checkpoint: str | Path | None = None,
+    zero_shot_head: dict[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[float, torch.nn.Module]]:
+    """The plain timm model at each alpha (one model, reloaded in place: use it before the next one)."""
+    if not all(0.0 <= a <= 1.0 for a in alphas):
+        raise InputError(f"alphas: each must be within [0, 1] (got {alphas})")
+    method = get_method(spec.method)
+    if not method.mergeable:
+        raise InputError(f"{spec.method}: WiSE-FT needs a mergeable method (weights to interpolate)")
+    tuned = {k: v.detach().clone() for k, v in method.merge(model).state_dict().items()}
+    plain = backbones.build(
+        spec.backbone.model, checkpoint or spec.backbone.checkpoint, spec.num_classes, 0.0, spec.backbone.kwargs
+    )
+    pretrained = {k: v.detach().clone() for k, v in plain.state_dict().items() if k not in head_keys(plain)}
+    pretrained.update(zero_shot_head or {})
+    for alpha in alphas:
+        plain.load_state_dict(interpolate(pretrained, tuned, alpha), strict=True)
+        yield alpha, plain.eval()
+
+
+@torch.no_grad()
 def wise_curve(
     cell_dir: str | Path,
     eval_data: dict[str, str | Path],
@@ -55,19 +82,11 @@ def wise_curve(
     if not all(0.0 <= a <= 1.0 for a in alphas):
         raise InputError(f"alphas: each must be within [0, 1] (got {alphas})")
     spec, model = load_cell_model(Path(cell_dir), checkpoint)
-    method = get_method(spec.method)
-    if not method.mergeable:
+    if not get_method(spec.method).mergeable:
         raise InputError(f"{spec.method}: WiSE-FT needs a mergeable method (weights to interpolate)")
-    tuned = {k: v.detach().clone() for k, v in method.merge(model).state_dict().items()}
-    plain = backbones.build(
-        spec.backbone.model, checkpoint or spec.backbone.checkpoint, spec.num_classes, 0.0, spec.backbone.kwargs
-    )
-    pretrained = {k: v.detach().clone() for k, v in plain.state_dict().items() if k not in head_keys(plain)}
-    pretrained.update(zero_shot_head or {})
     splits = {name: load_split(path) for name, path in eval_data.items()}
     rows = []
-    for alpha in alphas:
-        plain.load_state_dict(interpolate(pretrained, tuned, alpha), strict=True)
+    for alpha, plain in wise_models(spec, model, alphas, checkpoint, zero_shot_head):
         for name, split in splits.items():
             pred = evaluate(plain, spec, split.images).argmax(1)
             rows.append(

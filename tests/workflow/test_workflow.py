@@ -46,6 +46,7 @@ def test_first_run_schedules_every_stage(study):
     # 1 linear + 2 lora tuning packs (one lr x wd cell each here), then one final seed each
     assert names.count("train_pack") == 3 and names.count("train_cell") == 2
     assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report", "analyse_ensembles"} <= set(names)
+    assert {"make_demo_shift", "cache_ood", "robustness", "robustness_report"} <= set(names)
 
 
 def test_report_files_and_tables(study):
@@ -74,6 +75,22 @@ def test_ensembles_report(study):
     assert "<script" not in (report / "ensembles.html").read_text().lower()
 
 
+def test_robustness_report(study):
+    report = study["report"]
+    rows = pd.read_parquet(report / "robustness.parquet")
+    # one final run per method; both merge: every alpha on the ID test split and the shifted set
+    assert set(rows.method) == {"linear", "lora"} and set(rows.alpha) == {0.0, 0.5, 1.0}
+    assert set(zip(rows.eval_set, rows.distribution, rows.split)) == {("id", "id", "test"), ("digits_colour", "ood", "test")}
+    final = pd.read_parquet(report / "results.parquet").query("stage == 'final'").set_index("cell")
+    assert len(rows) == 2 * 3 * 2 and set(rows.n_eval) == set(final.n_eval)  # the shift keeps every test image
+    # alpha = 1 on the ID test split is the final run itself
+    for r in rows[(rows.alpha == 1.0) & (rows.eval_set == "id")].itertuples():
+        assert abs(r.accuracy - final.accuracy[r.cell]) <= 1 / r.n_eval, r
+    md = (report / "robustness.md").read_text()
+    assert "digits_colour" in md and "| lora" in md
+    assert "<script" not in (report / "robustness.html").read_text().lower()
+
+
 def test_unchanged_rerun_schedules_zero_jobs(study):
     assert run_in_subprocess(study["work"], study["config"], dryrun=True) == []
 
@@ -87,7 +104,8 @@ def test_grid_edit_schedules_only_that_methods_cells(study, tmp_path):
     trained = [j for j in jobs if j["rule"] == "train_pack"]
     assert len(trained) == 1, trained  # the new rank-4 tuning pack; final runs wait for selection
     assert all("/lora/" in out for j in trained for out in j["output"])
-    assert {j["rule"] for j in jobs} <= {"train_pack", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all"}
+    assert {j["rule"] for j in jobs} <= {"train_pack", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all",
+                                        "robustness", "robustness_report"}  # fmt: skip
     selections = [out for j in jobs if j["rule"] == "select_config" for out in j["output"]]
     assert selections and all(out.endswith("/lora.json") for out in selections)
 
@@ -121,6 +139,35 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
     assert "linear" in text and "lora" in text and "PPT" in text
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     page.close()
+
+
+def test_robustness_html_in_headless_browser(study, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    console, requests = [], []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    url = (study["report"] / "robustness.html").resolve().as_uri()
+    page.goto(url)
+    assert [m for m in console if m.startswith(("error", "pageerror"))] == []
+    assert requests == [url], f"the report made network requests: {requests[1:]}"
+    assert "robustness" in page.title()
+    assert page.locator("svg polyline").count() == 2  # one ID-vs-OOD curve per (mergeable) method
+    assert page.locator("svg circle").count() == 2 * 3  # one point per alpha
+    assert page.locator("table").count() >= 1
+    text = page.inner_text("body")
+    assert "digits_colour" in text and "linear" in text and "lora" in text
+    page.screenshot(path=str(tmp_path / "robustness.png"), full_page=True)
+    page.close()
+
+
+def test_missing_shifted_set_fails_before_any_job(study, tmp_path):
+    cfg = yaml.safe_load(study["config"].read_text())
+    cfg["datasets"]["digits"]["ood"]["sketch"] = {"root": "no/such/folder", "layout": "imagefolder", "split": "test"}
+    edited = tmp_path / "tiny.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AssertionError, match=r"invalid config: datasets\.digits\.ood\.sketch\.root: no/such/folder/test not found"):
+        run_in_subprocess(study["work"], edited, dryrun=True)
 
 
 @pytest.fixture
@@ -260,3 +307,4 @@ def test_snakemake_report_zip(study):
     assert out.returncode == 0, out.stderr[-3000:]
     names = zipfile.ZipFile(work / "report.zip").namelist()
     assert any(n.endswith("summary.md") for n in names) and any(n.endswith("index.html") for n in names)
+    assert any(n.endswith("robustness.md") for n in names) and any(n.endswith("robustness.html") for n in names)

@@ -48,6 +48,8 @@ rule cache_split:
         f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
     log:
         f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+    wildcard_constraints:
+        dataset=one_of(DEFAULT_LAYOUT),
     conda:
         ENV
     params:
@@ -57,3 +59,30 @@ rule cache_split:
     shell:
         "python -m peft_core.cli cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
         "--size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"
+
+
+if OTHER_LAYOUT:
+
+    rule cache_split_layout:
+        input:
+            lambda wc: split_listing(
+                f"{STUDY.data_location(wc.dataset)[0]}/{wc.dataset}",
+                wc.split,
+                STUDY.data_location(wc.dataset)[1],
+            ),
+        output:
+            f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px.pt",
+        log:
+            f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
+        wildcard_constraints:
+            dataset=one_of(OTHER_LAYOUT),
+        conda:
+            ENV
+        params:
+            root=lambda wc: STUDY.data_location(wc.dataset)[0],
+            layout=lambda wc: STUDY.data_location(wc.dataset)[1],
+            size=CFG.data.image_size,
+            num_classes=lambda wc: CFG.datasets[wc.dataset].num_classes,
+        shell:
+            "python -m peft_core.cli cache --root {params.root} --dataset {wildcards.dataset} --split {wildcards.split} "
+            "--layout {params.layout} --size {params.size} --num-classes {params.num_classes} --out {output} > {log} 2>&1"

@@ -1,0 +1,44 @@
+"""config/robustness.yaml validates and plans (``snakemake -n``) on a stub data tree."""
+
+from __future__ import annotations
+
+import yaml
+
+from peft_core.config import load_study
+
+from .smk import REPO, run_in_subprocess
+
+CONFIG = REPO / "config" / "robustness.yaml"
+
+
+def stub_tree(root, cfg: dict) -> dict:
+    """Empty split listings, class folders and checkpoint under ``root``; the config pointed at them."""
+    ds = cfg["datasets"]["imagenet"]
+    cfg["data"]["root"] = str(root / "imagenet-fewshot")
+    for key in ("tune_train", "tune_eval", "final_train", "final_eval"):
+        path = root / "imagenet-fewshot" / "imagenet" / f"{cfg['data'][key]}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("path,label\n")
+    for name, ood in ds["ood"].items():
+        ood["root"] = str(root / "ood" / name)
+        (root / "ood" / name / ood["split"]).mkdir(parents=True)
+        if "class_map" in ood:  # relative to the repository root, the usual working directory
+            ood["class_map"] = str(REPO / ood["class_map"])
+    cfg["backbone"]["checkpoint"] = str(root / "ViT-B_16.npz")
+    (root / "ViT-B_16.npz").write_bytes(b"")
+    return cfg
+
+
+def test_robustness_study_validates_and_plans(tmp_path):
+    study = load_study(CONFIG)
+    assert study.robustness_alphas() == [round(i / 10, 1) for i in range(11)]
+    cfg = stub_tree(tmp_path / "stub", yaml.safe_load(CONFIG.read_text()))
+    (tmp_path / "robustness.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(tmp_path, tmp_path / "robustness.yaml", dryrun=True)
+    rules = [j["rule"] for j in jobs]
+    assert rules.count("train_cell") == sum(len(study.tuning_cells("imagenet", m)) for m in study.method_names())
+    # csv layout: the two tuning splits, and the ID test split the robustness stage reads
+    assert rules.count("cache_split_layout") == 3 and "cache_split" not in rules
+    ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"])
+    assert ood == ["imagenet_a_224px.pt", "imagenet_r_224px.pt", "imagenet_sketch_224px.pt", "imagenet_v2_224px.pt"]
+    assert {"robustness", "robustness_report"} <= set(rules)
