@@ -5,6 +5,7 @@ from __future__ import annotations
 import yaml
 
 from peft_core.config import load_study
+from peft_core.packs import group_into_packs
 
 from .smk import REPO, run_in_subprocess
 
@@ -36,7 +37,8 @@ def test_robustness_study_validates_and_plans(tmp_path):
     (tmp_path / "robustness.yaml").write_text(yaml.safe_dump(cfg))
     jobs = run_in_subprocess(tmp_path, tmp_path / "robustness.yaml", dryrun=True)
     rules = [j["rule"] for j in jobs]
-    assert rules.count("train_cell") == sum(len(study.tuning_cells("imagenet", m)) for m in study.method_names())
+    packs = [group_into_packs(study.tuning_cells("imagenet", m)) for m in study.method_names()]
+    assert rules.count("train_pack") == sum(len(p) for p in packs)
     # csv layout: the two tuning splits, and the ID test split the robustness stage reads
     assert rules.count("cache_split_layout") == 3 and "cache_split" not in rules
     ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"])
