@@ -44,3 +44,25 @@ def test_robustness_study_validates_and_plans(tmp_path):
     ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"])
     assert ood == ["imagenet_a_224px.pt", "imagenet_r_224px.pt", "imagenet_sketch_224px.pt", "imagenet_v2_224px.pt"]
     assert {"robustness", "robustness_report"} <= set(rules)
+
+
+def test_manyshot_study_validates_and_plans(tmp_path):
+    """config/manyshot.yaml: the same rules, one pack per method configuration and size."""
+    config = REPO / "config" / "manyshot.yaml"
+    study = load_study(config)
+    cfg = yaml.safe_load(config.read_text())
+    root = tmp_path / "stub"
+    cfg["data"]["root"] = str(root)
+    for name in cfg["datasets"]:
+        for key in ("tune_train", "tune_eval", "final_train", "final_eval"):
+            path = root / name / f"{cfg['data'][key]}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("path,label\n")
+    cfg["backbone"]["checkpoint"] = str(tmp_path / "ViT-B_16.npz")
+    (tmp_path / "ViT-B_16.npz").write_bytes(b"")
+    (tmp_path / "manyshot.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(tmp_path, tmp_path / "manyshot.yaml", dryrun=True)
+    rules = [j["rule"] for j in jobs]
+    expected = sum(len(group_into_packs(study.tuning_cells(d, m))) for d in study.dataset_names() for m in study.method_names())
+    assert rules.count("train_pack") == expected
+    assert rules.count("select_config") == len(study.dataset_names()) * len(study.method_names())
