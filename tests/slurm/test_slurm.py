@@ -221,8 +221,8 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
     assert not any(k in kinds for k in ("rule_select_config", "rule_aggregate_dataset", "rule_build_report"))
     for light in ("localrule make_demo_data:", "localcheckpoint select_config:", "localrule build_report:"):
         assert light in text, light
-    n_cells = text.count("rule train_cell:")
-    assert n_cells == 5, n_cells  # all five cells ran, each inside a SLURM job
+    # all five cells ran inside SLURM jobs: 3 tuning packs (one cell each here) and 2 final cells
+    assert (text.count("rule train_pack:"), text.count("rule train_cell:")) == (3, 2)
 
     # ... and SLURM's accounting knows each of those jobs: our run, our partition/account, completed.
     acct = _sacct(submitted)
@@ -235,14 +235,19 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
         assert row["Account"] == ACCOUNT, row
         assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
         gpus = re.search(r"gres/gpu=(\d+)", row["AllocTRES"])
-        if "train_cell" in submitted[jobid]:
-            assert gpus and int(gpus.group(1)) >= 1, row  # from compute.train.gpu
+        if _is_training(submitted[jobid]) or submitted[jobid] == "rule_robustness":
+            assert gpus and int(gpus.group(1)) >= 1, row  # from compute.train.gpu (WiSE-FT evaluation too)
         else:
             assert gpus is None, row
         # the profile asks for --requeue (the test cluster's JobRequeue=0 would say Requeue=0 otherwise)
         assert "Requeue=1" in _sh("scontrol", "show", "job", jobid), jobid
 
     _assert_same_results(work, reference)
+
+
+def _is_training(what: str) -> bool:
+    """A submitted job that trains: a tuning pack, a final cell, or a group of them."""
+    return "train_pack" in what or "train_cell" in what
 
 
 def _seed_from(reference_work: Path, work: Path) -> None:
@@ -274,13 +279,13 @@ def test_cancelled_train_job_then_rerun_completes(slurm_cluster, reference, tmp_
     try:
         victim, deadline = None, time.monotonic() + 300
         while victim is None and proc.poll() is None and time.monotonic() < deadline:
-            train_jobs = [j for j, what in _submitted(log1.read_text()).items() if "train_cell" in what]
+            train_jobs = [j for j, what in _submitted(log1.read_text()).items() if _is_training(what)]
             victim = next((j for j in train_jobs if _squeue_state(j) == "RUNNING"), None)
             time.sleep(0.5)
         assert victim is not None, f"no training job was seen RUNNING:\n{_tail(log1)}"
         # let a cell of it start training (its log appears), so that the cancel interrupts real work
         deadline = time.monotonic() + 60
-        while not list((work / "logs").glob("tiny/train_cell/*/*/*.log")) and time.monotonic() < deadline:
+        while not list((work / "logs").glob("tiny/train_*/*/*/*.log")) and time.monotonic() < deadline:
             time.sleep(0.2)
         _sh("scancel", victim)
         deadline = time.monotonic() + 60
@@ -317,7 +322,8 @@ def test_cancelled_train_job_then_rerun_completes(slurm_cluster, reference, tmp_
         pytest.fail(f"the interrupted run left the working directory locked:\n{_tail(log2)}")
     assert proc2.returncode == 0, f"rerun failed ({proc2.returncode}):\n{_tail(log2)}"
     submitted2 = _submitted(text2)
-    assert submitted2 and all("train_cell" in what for what in submitted2.values()), submitted2
+    # what the first run had not done: training, and the WiSE-FT stage that follows it
+    assert submitted2 and all(_is_training(w) or w == "rule_robustness" for w in submitted2.values()), submitted2
     acct = _sacct(submitted2)
     assert {r["State"] for r in acct.values()} == {"COMPLETED"}, acct
 
@@ -338,3 +344,77 @@ def test_cancelled_train_job_then_rerun_completes(slurm_cluster, reference, tmp_
     )
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+
+
+def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, reference, tmp_path):
+    """`scontrol requeue` (what preemption does): SIGTERM, state saved, the job runs again and resumes."""
+    work = tmp_path / "requeue"
+    work.mkdir()
+    _seed_from(reference["work"], work)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["train"]["epochs"] = 60  # long enough to be caught mid-training
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    cmd, env = _slurm_cmd(work), _env()
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        victim, deadline = None, time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline:
+            assert proc.poll() is None, _tail(log)
+            running = [j for j, what in _submitted(log.read_text()).items()
+                       if _is_training(what) and _squeue_state(j) == "RUNNING"]  # fmt: skip
+            logs = list((work / "logs").glob("tiny/train_*/*/*/*.log"))
+            if running and any("epoch 3/60" in p.read_text(errors="replace") for p in logs):
+                victim = running[0]
+            time.sleep(0.3)
+        assert victim is not None, f"no training job was seen mid-training:\n{_tail(log)}"
+        _sh("scontrol", "requeue", victim)
+        rc = proc.wait(timeout=RUN_TIMEOUT_S + 300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"the run with a requeued job failed ({rc}):\n{_tail(log)}"
+    print(_sh("sacct", "-D", "-X", "-j", victim, "-o", "JobID,JobName%36,State,ExitCode,Elapsed"))
+    # the requeued job ran twice (sacct -D shows each run) and completed the second time
+    runs = _sh("sacct", "-D", "-X", "-n", "-P", "-j", victim, "-o", "State").split()
+    assert len(runs) >= 2 and runs[-1] == "COMPLETED", runs
+    train_logs = "\n".join(p.read_text(errors="replace") for p in (work / "logs").glob("tiny/train_*/*/*/*.log"))
+    assert "resumed from" in train_logs, "no cell resumed from its saved state"
+    assert not list((work / "results").rglob("resume.pt")), "a resume state was left behind"
+    cells = _cell_metrics(work)
+    assert len(cells) == 5 and all(m["status"] == "ok" for m in cells.values()), cells
+    assert len(_results(work)) == 5 and "Nothing to be done" not in text
+
+
+@pytest.mark.skipif(os.environ.get("PEFT_SLURM_DEMO") != "1", reason="the demo through SLURM takes ~20 min: PEFT_SLURM_DEMO=1")
+def test_demo_study_through_sbatch_matches_local_run(slurm_cluster, tmp_path):
+    """The embedded demo, `--profile profiles/local` vs `--profile profiles/slurm`: the same results.parquet."""
+    local, work = tmp_path / "local", tmp_path / "slurm"
+    for d in (local, work):
+        d.mkdir()
+        shutil.copy(REPO / "config" / "demo.yaml", d / "demo.yaml")
+    cmd = ["timeout", "-s", "INT", "-k", "60", "1200", sys.executable, "-m", "snakemake", "--profile", "profiles/local",
+           "--directory", str(local), "--configfile", str(local / "demo.yaml")]  # fmt: skip
+    proc = _run(cmd, tmp_path / "local.log")
+    assert proc.returncode == 0, _tail(tmp_path / "local.log")
+    shutil.copytree(local / "data", work / "data")  # generated data and pre-trained backbone: start at training
+    shutil.copytree(local / "results" / "demo" / "backbone", work / "results" / "demo" / "backbone")
+    slurm = [c if c != str(work / "tiny.yaml") else str(work / "demo.yaml") for c in _slurm_cmd(work)]
+    slurm[slurm.index(str(RUN_TIMEOUT_S))] = "2400"
+    t0 = time.monotonic()
+    proc = _run(slurm, tmp_path / "slurm.log", env=_env())
+    text = (tmp_path / "slurm.log").read_text(errors="replace")
+    assert proc.returncode == 0, _tail(tmp_path / "slurm.log")
+    submitted = _submitted(text)
+    print(f"demo through SLURM: {time.monotonic() - t0:.0f} s, {len(submitted)} sbatch jobs")
+    acct = _sacct(submitted)
+    assert set(acct) == set(submitted) and {r["State"] for r in acct.values()} == {"COMPLETED"}
+    ours = pd.read_parquet(work / "reports/demo/results.parquet").set_index("cell").sort_index()
+    ref = pd.read_parquet(local / "reports/demo/results.parquet").set_index("cell").sort_index()
+    assert list(ours.index) == list(ref.index) and ours.index.is_unique
+    diff = (ours["accuracy"] - ref["accuracy"]).abs()
+    assert (diff.fillna(0) <= 1e-6).all(), diff[diff > 1e-6]
+    assert (ours["status"] == ref["status"]).all()
