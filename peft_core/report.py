@@ -335,12 +335,45 @@ def _svg_scatter(summ: pd.DataFrame) -> str:
     return "".join(parts)
 
 
+def _svg_sensitivity(sel: pd.DataFrame, methods: list[str]) -> str:
+    """Tuning sensitivity: per method, the validation-accuracy spread (max - min, points) over
+    its grid on each data set (dots) and their mean (bar). A one-configuration grid has none."""
+    sel = sel[sel.method.isin(methods)]
+    if sel.empty:
+        return "<p>No tuning cells yet.</p>"
+    rows = [m for m in methods if m in set(sel.method)]
+    row_h, left, pad, w = 22, 110, 40, 640
+    h = pad + row_h * len(rows) + 30
+    top = max(5.0, math.ceil(float(sel.grid_spread.max() or 0) / 5) * 5)
+    sx = lambda v: left + v / top * (w - left - 20)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" aria-label="tuning sensitivity">']
+    step = 5 if top <= 40 else 10
+    for v in range(0, int(top) + 1, step):
+        parts.append(f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{pad - 10}" y2="{h - 30}" class="grid"/>')
+        parts.append(f'<text x="{sx(v):.1f}" y="{h - 16}" text-anchor="middle">{v}</text>')
+    parts.append(f'<text x="{(left + w) / 2}" y="{h - 2}" text-anchor="middle">validation accuracy spread over the grid (points)</text>')
+    for i, method in enumerate(rows):
+        y = pad + i * row_h
+        mine = sel[sel.method == method]
+        mean = float(mine.grid_spread.mean())
+        name = html.escape(method)
+        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{name}</text>')
+        parts.append(f'<rect x="{left}" y="{y - 6}" width="{sx(mean) - left:.1f}" height="12" class="bar">'
+                     f'<title>{name}: mean spread {mean:.1f} points over {len(mine)} data set(s)</title></rect>')  # fmt: skip
+        for r in mine.itertuples():
+            parts.append(f'<circle cx="{sx(r.grid_spread):.1f}" cy="{y}" r="3" class="pt"><title>{name} on '
+                         f'{html.escape(r.dataset)}: {r.grid_spread:.1f} points over {int(r.grid_size)} configurations'
+                         f'</title></circle>')  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1f24;padding:0 1rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}p.note{color:#57606a;max-width:60rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{padding:.3rem .55rem;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}td.best{font-weight:700;background:#dafbe1}
-svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}svg .front{fill:none;stroke:#cf222e;stroke-width:1.5;stroke-dasharray:4 3}
+svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}svg .front{fill:none;stroke:#cf222e;stroke-width:1.5;stroke-dasharray:4 3}svg .bar{fill:#d0d7de}
 """
 
 
@@ -417,6 +450,10 @@ Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1
 {_rank_heatmap(rank_frame(summ, [d for d in study.dataset_names() if d in summ.columns]))}
 <h2>PPT ranking</h2>
 {_html_table(summ.sort_values("ppt", ascending=False)[["method", "mean", "params", "ppt"]].assign(params=lambda f: f.params.map(_params_m)).rename(columns={"params": "params (M)", "ppt": "PPT"}))}
+<h2>Tuning sensitivity</h2>
+<p class="note">How much the validation accuracy moves over each method's hyper-parameter grid (max − min):
+dots are data sets, bars their mean. A large spread means the method needs its tuning budget.</p>
+{_svg_sensitivity(sel, study.method_names())}
 <h2>Selected configurations</h2>
 {_html_table(sel_shown)}
 <p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>

@@ -135,6 +135,8 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
     assert "tiny" in page.title()
     assert page.locator("table").count() >= 2
     assert page.locator("svg circle").count() >= 2  # one point per method in the scatter
+    sensitivity = page.locator('svg[aria-label="tuning sensitivity"]')
+    assert sensitivity.count() == 1 and sensitivity.locator("rect.bar").count() == 2  # linear, lora
     text = page.inner_text("body")
     assert "linear" in text and "lora" in text and "PPT" in text
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
