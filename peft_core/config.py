@@ -541,8 +541,8 @@ class CellSpec(Strict):
         """The hashed fields. Fields added later count only when set, so their
         defaults keep every existing cell id (and its cached results) valid."""
         data = self.model_dump(mode="json")
-        for name, default in LATE_FIELDS.items():
-            if data.get(name) == default:
+        for name in LATE_FIELDS:
+            if data[name] == type(self).model_fields[name].default:
                 del data[name]
         return data
 
@@ -551,8 +551,8 @@ class CellSpec(Strict):
         return cell_hash(self.identity())
 
 
-# CellSpec fields added after results existed, with the value they had implicitly.
-LATE_FIELDS: dict[str, Any] = {"precision": "auto", "compile": False}
+# CellSpec fields added after results existed; their defaults are the values those results had implicitly.
+LATE_FIELDS = ("precision", "compile")
 
 
 CELL_ID = re.compile(r"^[0-9a-f]{10}$")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .results import write_text
+
 SIZE = 32
 N_TRAIN, N_VAL, N_TEST = 800, 200, 1000
 
@@ -184,18 +186,28 @@ def make_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
     return _rendered(name, N_TRAIN + N_VAL + N_TEST)
 
 
-def write_vtab_folder(name: str, root: str | Path) -> Path:
-    """Write one data set as ``<root>/<name>/{images/*.png, train800, val200, train800val200, test}.txt``."""
+def _write_images(out: Path, images: np.ndarray, labels: np.ndarray) -> list[str]:
+    """``out/images/NNNNN.png`` for each image; returns the VTAB split-file lines ``<path> <label>``."""
     from PIL import Image
 
-    images, labels = make_dataset(name)
-    out = Path(root) / name
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (img, y) in enumerate(zip(images, labels)):
         rel = f"images/{i:05d}.png"
         Image.fromarray(img).save(out / rel, optimize=False, compress_level=1)
         lines.append(f"{rel} {int(y)}")
+    return lines
+
+
+def _write_split(out: Path, split: str, lines: list[str]) -> None:
+    write_text(out / f"{split}.txt", "\n".join(lines) + "\n")
+
+
+def write_vtab_folder(name: str, root: str | Path) -> Path:
+    """Write one data set as ``<root>/<name>/{images/*.png, train800, val200, train800val200, test}.txt``."""
+    images, labels = make_dataset(name)
+    out = Path(root) / name
+    lines = _write_images(out, images, labels)
     splits = {
         "train800": lines[:N_TRAIN],
         "val200": lines[N_TRAIN : N_TRAIN + N_VAL],
@@ -203,9 +215,7 @@ def write_vtab_folder(name: str, root: str | Path) -> Path:
         "test": lines[N_TRAIN + N_VAL :],
     }
     for split, rows in splits.items():
-        tmp = out / f".{split}.txt.tmp"
-        tmp.write_text("\n".join(rows) + "\n")
-        tmp.replace(out / f"{split}.txt")
+        _write_split(out, split, rows)
     return out
 
 
@@ -232,20 +242,10 @@ def colour_shift(images: np.ndarray, name: str) -> np.ndarray:
 
 def write_shifted_folder(name: str, root: str | Path, split: str = "test") -> Path:
     """Write the colour-shifted final test images of ``name`` as ``<root>/{images/*.png, <split>.txt}``."""
-    from PIL import Image
-
     images, labels = make_dataset(name)
     images, labels = colour_shift(images[N_TRAIN + N_VAL :], name), labels[N_TRAIN + N_VAL :]
     out = Path(root)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (img, y) in enumerate(zip(images, labels)):
-        rel = f"images/{i:05d}.png"
-        Image.fromarray(img).save(out / rel, optimize=False, compress_level=1)
-        lines.append(f"{rel} {int(y)}")
-    tmp = out / f".{split}.txt.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / f"{split}.txt")
+    _write_split(out, split, _write_images(out, images, labels))
     return out
 
 

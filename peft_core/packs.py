@@ -61,15 +61,16 @@ def read_code_stamp(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def is_complete(cell_dir: Path, spec: CellSpec, code: str) -> bool:
-    """All outputs present, and metrics.json (written last) is of this cell and this code."""
+def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str) -> dict[str, Any] | None:
+    """The cell's metrics if all outputs are present and metrics.json (written last) is of
+    this cell and this code; None if the cell must (re)train."""
     if not all((cell_dir / name).is_file() for name in CELL_FILES):
-        return False
+        return None
     try:
         metrics = read_json(cell_dir / METRICS)
     except (OSError, ValueError):
-        return False
-    return metrics.get("cell") == spec.cell_id and metrics.get("code") == code
+        return None
+    return metrics if metrics.get("cell") == spec.cell_id and metrics.get("code") == code else None
 
 
 def run_pack(
@@ -84,9 +85,9 @@ def run_pack(
     rows = []
     for spec in specs:
         out = cell_path(cells_root, spec)
-        reused = is_complete(out, spec, code)
+        metrics = reusable_metrics(out, spec, code)
+        reused = metrics is not None
         if reused:
-            metrics = read_json(out / METRICS)
             log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: reused (same spec and code)")
         else:
             metrics = train_cell(spec, out)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from peft_core.cli import main
-from peft_core.packs import cell_path, group_into_packs, is_complete, pack_id, run_pack
+from peft_core.packs import cell_path, group_into_packs, pack_id, reusable_metrics, run_pack
 from peft_core.results import METRICS, read_json, write_json
 
 from .. import toycell
@@ -46,9 +46,9 @@ def test_run_pack_reuses_finished_cells_and_retrains_on_new_code(tmp_path):
     rows = run_pack(grown, _fake_train(calls), tmp_path / "cells", "c1", tmp_path / "q.json", print)
     assert calls == [grown[2].cell_id] and [r["reused"] for r in rows] == [True, True, False]
     assert read_json(tmp_path / "q.json")["pack"] == pack_id(grown)
-    assert not is_complete(cell_path(tmp_path / "cells", cells[0]), cells[0], "c2")  # other code: retrain
+    assert reusable_metrics(cell_path(tmp_path / "cells", cells[0]), cells[0], "c2") is None  # other code: retrain
     (cell_path(tmp_path / "cells", cells[1]) / "predictions.parquet").unlink()
-    assert not is_complete(cell_path(tmp_path / "cells", cells[1]), cells[1], "c1")  # a file missing: retrain
+    assert reusable_metrics(cell_path(tmp_path / "cells", cells[1]), cells[1], "c1") is None  # a file missing: retrain
 
 
 def test_train_pack_cli_end_to_end(tmp_path, monkeypatch):

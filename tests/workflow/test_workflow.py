@@ -122,16 +122,22 @@ def browser():
         b.close()
 
 
-def test_html_report_in_headless_browser(study, browser, tmp_path):
+def open_offline(browser, path):
+    """A page of ``path``, asserted to load with no console error and no request beyond itself."""
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     console, requests = [], []
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
     page.on("request", lambda r: requests.append(r.url))
-    url = (study["report"] / "index.html").resolve().as_uri()
+    url = path.resolve().as_uri()
     page.goto(url)
     assert [m for m in console if m.startswith(("error", "pageerror"))] == []
     assert requests == [url], f"the report made network requests: {requests[1:]}"
+    return page
+
+
+def test_html_report_in_headless_browser(study, browser, tmp_path):
+    page = open_offline(browser, study["report"] / "index.html")
     assert "tiny" in page.title()
     assert page.locator("table").count() >= 2
     assert page.locator("svg circle").count() >= 2  # one point per method in the scatter
@@ -144,15 +150,7 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
 
 
 def test_robustness_html_in_headless_browser(study, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    console, requests = [], []
-    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-    page.on("request", lambda r: requests.append(r.url))
-    url = (study["report"] / "robustness.html").resolve().as_uri()
-    page.goto(url)
-    assert [m for m in console if m.startswith(("error", "pageerror"))] == []
-    assert requests == [url], f"the report made network requests: {requests[1:]}"
+    page = open_offline(browser, study["report"] / "robustness.html")
     assert "robustness" in page.title()
     assert page.locator("svg polyline").count() == 2  # one ID-vs-OOD curve per (mergeable) method
     assert page.locator("svg circle").count() == 2 * 3  # one point per alpha
