@@ -131,8 +131,24 @@ def cmd_train(a) -> int:
     return 0 if m["status"] in ("ok", "diverged") else 1
 
 
+def _final_specs(a) -> list:
+    """The final runs of the configuration chosen in ``--selection``, one per ``--final-seeds``."""
+    from .config import CellSpec, final_cells
+
+    if not Path(a.selection).is_file():
+        raise InputError(f"{a.selection}: file not found")
+    try:
+        chosen = json.loads(Path(a.selection).read_text())["chosen_spec"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{a.selection}: not a selection file (no chosen_spec)") from None
+    if not a.final_seeds or not a.final_train or not a.final_eval:
+        raise InputError("--selection needs --final-seeds, --final-train and --final-eval")
+    spec = _spec(CellSpec.model_validate(chosen).canonical_json())
+    return final_cells(spec, a.final_seeds, a.final_train, a.final_eval)
+
+
 def cmd_train_pack(a) -> int:
-    specs = [_spec(raw) for raw in a.spec_json]
+    specs = [_spec(raw) for raw in a.spec_json] if a.spec_json else _final_specs(a)
     code = _check_inputs(a)
     from .packs import run_pack
     from .train import Preempted, run_cell
@@ -177,8 +193,12 @@ def cmd_select(a) -> int:
 def cmd_aggregate(a) -> int:
     from .report import aggregate_dataset
 
+    from .results import read_json
+
+    # final runs: the cells listed, in seed order, by each `train-pack --selection` manifest
+    finals = [Path(row["dir"]) for m in a.finals for row in read_json(m)["cells"]]
     frame = aggregate_dataset(
-        a.study, a.group, a.final_eval, [Path(c) for c in a.cells], [Path(s) for s in a.selections], Path(a.out)
+        a.study, a.group, a.final_eval, [Path(c) for c in a.cells] + finals, [Path(s) for s in a.selections], Path(a.out)
     )
     print(f"{a.out}: {len(frame)} rows")
     return 0
@@ -369,8 +389,15 @@ def parser() -> argparse.ArgumentParser:
     _cell_args(s)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("train-pack", help="train the cells of one tuning pack, reusing finished ones")
-    s.add_argument("--spec-json", nargs="+", required=True, help="cell specs as JSON strings, in order")
+    s = sub.add_parser(
+        "train-pack", help="train a list of cells (a tuning pack, or the final runs of a selection), reusing finished ones"
+    )
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--spec-json", nargs="+", help="cell specs as JSON strings, in order")
+    g.add_argument("--selection", help="`select` output: train its chosen configuration's final runs")
+    s.add_argument("--final-seeds", type=int, nargs="+", help="with --selection: one final run per seed")
+    s.add_argument("--final-train", help="with --selection: the final runs' training split")
+    s.add_argument("--final-eval", help="with --selection: the final runs' evaluation split")
     s.add_argument("--train-data", required=True)
     s.add_argument("--eval-data", required=True)
     s.add_argument("--checkpoint")
@@ -389,7 +416,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--study", required=True)
     s.add_argument("--group", required=True)
     s.add_argument("--final-eval", required=True, help="split name that marks final runs")
-    s.add_argument("--cells", nargs="+", required=True)
+    s.add_argument("--cells", nargs="+", required=True, help="cell directories (the tuning cells)")
+    s.add_argument("--finals", nargs="*", default=[], help="final-run manifests of `train-pack --selection`")
     s.add_argument("--selections", nargs="*", default=[])
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_aggregate)

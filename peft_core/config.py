@@ -407,7 +407,7 @@ class Study:
 
     def final_cell(self, chosen: "CellSpec", seed: int) -> "CellSpec":
         d = self.cfg.data
-        return chosen.model_copy(update={"train_split": d.final_train, "eval_split": d.final_eval, "seed": seed})
+        return final_cells(chosen, [seed], d.final_train, d.final_eval)[0]
 
     # ------------------------------------------------------------- data locations, shifted sets
 
@@ -562,3 +562,10 @@ def cell_hash(spec: dict[str, Any]) -> str:
     """sha256 of the canonical (key-sorted, compact) JSON, first 10 hex characters."""
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def final_cells(chosen: CellSpec, seeds: list[int], train_split: str, eval_split: str) -> list[CellSpec]:
+    """The final runs of a chosen tuning cell: same configuration, final splits, one cell per seed."""
+    return [
+        chosen.model_copy(update={"train_split": train_split, "eval_split": eval_split, "seed": seed}) for seed in seeds
+    ]

@@ -37,3 +37,28 @@ def test_dry_run_with_slurm_profile_needs_no_cluster(tmp_path):
     # tuning packs carry compute.train (tiny.yaml: gpu 0, 1000 MB, 5 min per cell; one cell each here)
     train = re.search(r"rule train_pack:.*?resources: ([^\n]*)", out, re.DOTALL)
     assert train and "gpu=0" in train.group(1) and "mem_mb=1000" in train.group(1) and "runtime=5" in train.group(1)
+
+
+def test_slurm_groups_never_mix_packs_and_final_runs(tmp_path):
+    """The profile's group-components on the demo's DAG: packs group with packs, final runs with final runs.
+
+    A group holding a final run and a pack can wait on a group that waits on it
+    (final -> selection -> pack in the other group, and back): Snakemake then
+    starts neither and ends the run "successfully" with most of it undone.
+    """
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason='needs pip install -e ".[slurm]"')
+    shutil.copy(REPO / "config" / "demo.yaml", tmp_path / "demo.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
+         "--directory", str(tmp_path), "--configfile", str(tmp_path / "demo.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    groups = re.split(r"Group job (\w+) \(jobs in lexicogr\. order\):", out)[1:]
+    rules_by_group = [(name, set(re.findall(r"^    rule (\w+):", body.split("\n\n\n")[0], re.M)))
+                      for name, body in zip(groups[::2], groups[1::2])]  # fmt: skip
+    assert {name for name, _ in rules_by_group} == {"train", "final"}
+    for name, rules in rules_by_group:
+        assert rules == {"train_pack" if name == "train" else "train_final"}, (name, rules)

@@ -78,3 +78,25 @@ def test_train_pack_refuses_a_missing_input_before_training(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("missing.pt: file not found")
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "c").exists()
+
+
+def test_train_pack_from_a_selection_trains_one_final_cell_per_seed(tmp_path, monkeypatch, capsys):
+    toycell.write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PEFT_CORE_SERVER", raising=False)
+    chosen = toycell.spec(epochs=1, lr=1e-2)
+    write_json(tmp_path / "selection.json", {"chosen": chosen.cell_id, "chosen_spec": chosen.model_dump(mode="json")})
+    argv = ["train-pack", "--selection", "selection.json", "--final-seeds", "0", "1", "--final-train", "trainval",
+            "--final-eval", "test", "--train-data", "train.pt", "--eval-data", "eval.pt",
+            "--checkpoint", "backbone.safetensors", "--cells-root", "cells", "--manifest", "finals.json",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    rows = read_json(tmp_path / "finals.json")["cells"]
+    specs = [read_json(tmp_path / r["dir"] / "spec.json") for r in rows]
+    assert [(s["seed"], s["train_split"], s["eval_split"], s["lr"]) for s in specs] == [
+        (0, "trainval", "test", 1e-2), (1, "trainval", "test", 1e-2)]  # fmt: skip
+    assert len({r["cell"] for r in rows}) == 2 and chosen.cell_id not in {r["cell"] for r in rows}
+
+    (tmp_path / "bad.json").write_text('{"chosen": "x"}')
+    assert main([*argv[:2], "bad.json", *argv[3:]]) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("bad.json: not a selection file (no chosen_spec)")

@@ -39,8 +39,9 @@ def test_robustness_study_validates_and_plans(tmp_path):
     rules = [j["rule"] for j in jobs]
     packs = [group_into_packs(study.tuning_cells("imagenet", m)) for m in study.method_names()]
     assert rules.count("train_pack") == sum(len(p) for p in packs)
-    # csv layout: the two tuning splits, and the ID test split the robustness stage reads
-    assert rules.count("cache_split_layout") == 3 and "cache_split" not in rules
+    assert rules.count("train_final") == len(study.method_names())  # the whole DAG is planned up front
+    # csv layout: the two tuning splits and the two final-run splits (the ID test split is one of them)
+    assert rules.count("cache_split_layout") == 4 and "cache_split" not in rules
     ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"])
     assert ood == ["imagenet_a_224px.pt", "imagenet_r_224px.pt", "imagenet_sketch_224px.pt", "imagenet_v2_224px.pt"]
     assert {"robustness", "robustness_report"} <= set(rules)
@@ -65,4 +66,4 @@ def test_manyshot_study_validates_and_plans(tmp_path):
     rules = [j["rule"] for j in jobs]
     expected = sum(len(group_into_packs(study.tuning_cells(d, m))) for d in study.dataset_names() for m in study.method_names())
     assert rules.count("train_pack") == expected
-    assert rules.count("select_config") == len(study.dataset_names()) * len(study.method_names())
+    assert rules.count("select_config") == rules.count("train_final") == len(study.dataset_names()) * len(study.method_names())

@@ -43,8 +43,8 @@ def rules(jobs: list[dict]) -> list[str]:
 
 def test_first_run_schedules_every_stage(study):
     names = rules(study["jobs"])
-    # 1 linear + 2 lora tuning packs (one lr x wd cell each here), then one final seed each
-    assert names.count("train_pack") == 3 and names.count("train_cell") == 2
+    # 1 linear + 2 lora tuning packs (one lr x wd cell each here), then each method's final runs
+    assert names.count("train_pack") == 3 and names.count("train_final") == 2
     assert {"make_demo_data", "pretrain_demo_backbone", "cache_split", "select_config", "build_report", "analyse_ensembles"} <= set(names)
     assert {"make_demo_shift", "cache_ood", "robustness", "robustness_report"} <= set(names)
 
@@ -102,10 +102,12 @@ def test_grid_edit_schedules_only_that_methods_cells(study, tmp_path):
     edited.write_text(yaml.safe_dump(cfg))
     jobs = run_in_subprocess(study["work"], edited, dryrun=True)
     trained = [j for j in jobs if j["rule"] == "train_pack"]
-    assert len(trained) == 1, trained  # the new rank-4 tuning pack; final runs wait for selection
+    assert len(trained) == 1, trained  # the new rank-4 tuning pack
     assert all("/lora/" in out for j in trained for out in j["output"])
-    assert {j["rule"] for j in jobs} <= {"train_pack", "select_config", "aggregate_dataset", "build_report", "analyse_ensembles", "all",
-                                        "robustness", "robustness_report"}  # fmt: skip
+    assert {j["rule"] for j in jobs} <= {"train_pack", "select_config", "train_final", "aggregate_dataset", "build_report",
+                                        "analyse_ensembles", "all", "robustness", "robustness_report"}  # fmt: skip
+    # lora's final runs follow its new selection (their cells are reused if the choice is the same)
+    assert [j["output"][0].split("/")[-1] for j in jobs if j["rule"] == "train_final"] == ["lora.json"]
     selections = [out for j in jobs if j["rule"] == "select_config" for out in j["output"]]
     assert selections and all(out.endswith("/lora.json") for out in selections)
 
@@ -196,11 +198,16 @@ def trained_methods(jobs: list[dict]) -> set[str]:
     return {out.split("/")[-2] for j in jobs if j["rule"] == "train_pack" for out in j["output"][:1]}
 
 
+def final_methods(jobs: list[dict]) -> set[str]:
+    """Methods of the scheduled final runs (.../finals/<dataset>/<method>.json)."""
+    return {Path(j["output"][0]).stem for j in jobs if j["rule"] == "train_final"}
+
+
 def test_editing_a_method_file_reruns_only_its_cells(study, touched):
     touched("peft_core/methods/lora.py")
     jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
-    assert trained_methods(jobs) == {"lora"}
-    assert sum(j["rule"] == "train_pack" for j in jobs) == 2  # its 2 tuning packs; finals follow selection
+    assert trained_methods(jobs) == {"lora"} and final_methods(jobs) == {"lora"}
+    assert sum(j["rule"] == "train_pack" for j in jobs) == 2  # its 2 tuning packs
 
 
 def test_editing_a_private_method_helper_reruns_its_users(study, touched):
@@ -212,7 +219,7 @@ def test_editing_a_private_method_helper_reruns_its_users(study, touched):
 def test_editing_engine_code_reruns_every_cell(study, touched):
     touched("peft_core/train.py")
     jobs = run_in_subprocess(study["work"], study["config"], dryrun=True)
-    assert trained_methods(jobs) == {"linear", "lora"}
+    assert trained_methods(jobs) == final_methods(jobs) == {"linear", "lora"}
     assert sum(j["rule"] == "train_pack" for j in jobs) == 3  # every tuning pack
 
 

@@ -74,25 +74,6 @@ def cache_path(dataset, split):
     return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px.pt"
 
 
-def final_specs(dataset, method):
-    """Final-run cells of (dataset, method): known once its selection has run."""
-    selection = checkpoints.select_config.get(dataset=dataset, method=method).output[0]
-    chosen = CellSpec.model_validate(
-        json.loads(Path(selection).read_text())["chosen_spec"]
-    )
-    return [STUDY.final_cell(chosen, seed) for seed in CFG.train.final_seeds]
-
-
-def spec_for(wildcards):
-    """The final-run cell named by the wildcards (tuning cells run in packs)."""
-    for spec in final_specs(wildcards.dataset, wildcards.method):
-        if spec.cell_id == wildcards.cell:
-            return spec
-    raise WorkflowError(
-        f"cell {wildcards.cell} of {wildcards.dataset}/{wildcards.method} is not in the config"
-    )
-
-
 def pack_specs(wildcards):
     if wildcards.pack not in PACK_SPECS:
         raise WorkflowError(
@@ -102,17 +83,38 @@ def pack_specs(wildcards):
 
 
 def train_inputs(wildcards):
-    """Inputs of a final cell or a pack (all cells of a pack share them)."""
-    if "pack" in wildcards.keys():
-        spec = pack_specs(wildcards)[0]
-    else:
-        spec = spec_for(wildcards)
+    """Inputs of a tuning pack (all its cells share them)."""
+    spec = pack_specs(wildcards)[0]
     return {
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
         "checkpoint": CFG.backbone.checkpoint,
         "code": code_stamp(spec.method),
     }
+
+
+def final_inputs(wildcards):
+    """Inputs of the final runs of (dataset, method): its selection and the final splits.
+
+    The chosen configuration is read from the selection by the job itself, so the
+    DAG is complete before anything runs (no checkpoint, no re-planning mid-run).
+    """
+    return {
+        "selection": selection_path(wildcards.dataset, wildcards.method),
+        "train": cache_path(wildcards.dataset, CFG.data.final_train),
+        "eval": cache_path(wildcards.dataset, CFG.data.final_eval),
+        "checkpoint": CFG.backbone.checkpoint,
+        "code": code_stamp(wildcards.method),
+    }
+
+
+def selection_path(dataset, method):
+    return f"{RES}/selection/{dataset}/{method}.json"
+
+
+def final_manifest(dataset, method):
+    """Written once every final run (seed) of (dataset, method) is done; lists their cells."""
+    return f"{RES}/finals/{dataset}/{method}.json"
 
 
 def code_stamp(method):
@@ -131,23 +133,13 @@ def tuning_dirs(dataset, method):
     return [cell_dir(s) for s in TUNE[(dataset, method)]]
 
 
-def final_dirs(dataset, method):
-    return [cell_dir(s) for s in final_specs(dataset, method)]
-
-
-def dataset_cells(wildcards):
-    """Every cell of one data set, tuning and final; final ones wait for selection."""
-    cells = [d for m in METHODS for d in tuning_dirs(wildcards.dataset, m)]
-    return cells + [d for m in METHODS for d in final_dirs(wildcards.dataset, m)]
-
-
 def dataset_inputs(wildcards):
-    """What one data set's table waits for: its packs and its final cells."""
-    packs = [p for m in METHODS for p in pack_manifests(wildcards.dataset, m)]
-    finals = [
-        f"{d}/metrics.json" for m in METHODS for d in final_dirs(wildcards.dataset, m)
-    ]
-    return packs + finals
+    """What one data set's table waits for: its tuning packs and its final runs."""
+    return {
+        "packs": [p for m in METHODS for p in pack_manifests(wildcards.dataset, m)],
+        "finals": [final_manifest(wildcards.dataset, m) for m in METHODS],
+        "selections": [selection_path(wildcards.dataset, m) for m in METHODS],
+    }
 
 
 def report_files():

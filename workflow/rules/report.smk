@@ -1,9 +1,6 @@
 rule aggregate_dataset:
     input:
-        cells=dataset_inputs,
-        selections=expand(
-            f"{RES}/selection/{{{{dataset}}}}/{{method}}.json", method=METHODS
-        ),
+        unpack(dataset_inputs),
     output:
         f"{RES}/tables/{{dataset}}.parquet",
     log:
@@ -11,13 +8,14 @@ rule aggregate_dataset:
     conda:
         ENV
     params:
-        cells=lambda wc: dataset_cells(wc),
+        cells=lambda wc: [d for m in METHODS for d in tuning_dirs(wc.dataset, m)],
         group=lambda wc: CFG.datasets[wc.dataset].group,
         study=STUDY.name,
         final_eval=CFG.data.final_eval,
     shell:
         "python -m peft_core.cli aggregate --study {params.study} --group {params.group} "
-        "--final-eval {params.final_eval} --cells {params.cells} --selections {input.selections} "
+        "--final-eval {params.final_eval} --cells {params.cells} --finals {input.finals} "
+        "--selections {input.selections} "
         "--out {output} > {log} 2>&1"
 
 

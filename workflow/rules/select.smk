@@ -1,6 +1,6 @@
 # Selection sees only tuning cells (evaluated on the validation split); the
 # command refuses any cell evaluated elsewhere.
-checkpoint select_config:
+rule select_config:
     input:
         lambda wc: pack_manifests(wc.dataset, wc.method),
     output:

@@ -46,31 +46,38 @@ rule train_pack:
         "> {log} 2>&1"
 
 
-# Final runs: one job per (chosen configuration, seed), known after selection.
-rule train_cell:
+# Final runs: one job per (dataset, method) trains the chosen configuration
+# once per seed (a pack of final cells, reusing any done with the same spec and
+# code). It reads the choice from the selection file at run time, so the DAG is
+# known in full before anything runs: no checkpoint, no re-planning mid-run
+# (which also breaks Snakemake's group-components on a cluster).
+rule train_final:
     input:
-        unpack(train_inputs),
+        unpack(final_inputs),
     output:
-        metrics=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/metrics.json",
-        predictions=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/predictions.parquet",
-        spec=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/spec.json",
-        weights=f"{RES}/cells/{{dataset}}/{{method}}/{{cell}}/trainable.safetensors",
+        f"{RES}/finals/{{dataset}}/{{method}}.json",
     log:
-        f"{LOGS}/train_cell/{{dataset}}/{{method}}/{{cell}}.log",
+        f"{LOGS}/train_final/{{dataset}}/{{method}}.log",
+    # Not "train": a group mixing packs and final runs can wait on itself through
+    # selection (group A's final needs group B's pack and vice versa) and never start.
     group:
-        "train"
+        "final"
     conda:
         ENV
     threads: CFG.compute.train.threads
     resources:
         gpu=CFG.compute.train.gpu,
         mem_mb=CFG.compute.train.mem_mb,
-        runtime=CFG.compute.train.runtime,
+        runtime=CFG.compute.train.runtime * len(CFG.train.final_seeds),
     params:
-        spec=lambda wc: spec_for(wc).canonical_json(),
-        dir=subpath(output.metrics, parent=True),
+        seeds=CFG.train.final_seeds,
+        final_train=CFG.data.final_train,
+        final_eval=CFG.data.final_eval,
+        cells=f"{RES}/cells",
         device=CFG.compute.train.device,
     shell:
-        "python -m peft_core.cli train --spec-json {params.spec:q} --train-data {input.train} "
+        "python -m peft_core.cli train-pack --selection {input.selection} --final-seeds {params.seeds} "
+        "--final-train {params.final_train} --final-eval {params.final_eval} --train-data {input.train} "
         "--eval-data {input.eval} --checkpoint {input.checkpoint} --code-stamp {input.code} "
-        "--out {params.dir} --threads {threads} --device {params.device} > {log} 2>&1"
+        "--cells-root {params.cells} --manifest {output} --threads {threads} --device {params.device} "
+        "> {log} 2>&1"
