@@ -133,18 +133,18 @@ def cmd_train(a) -> int:
 
 def _final_specs(a) -> list:
     """The final runs of the configuration chosen in ``--selection``, one per ``--final-seeds``."""
-    from .config import CellSpec, final_cells
+    from .config import final_cells
+    from .results import read_json
 
     if not Path(a.selection).is_file():
         raise InputError(f"{a.selection}: file not found")
     try:
-        chosen = json.loads(Path(a.selection).read_text())["chosen_spec"]
+        chosen = read_json(a.selection)["chosen_spec"]
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{a.selection}: not a selection file (no chosen_spec)") from None
     if not a.final_seeds or not a.final_train or not a.final_eval:
         raise InputError("--selection needs --final-seeds, --final-train and --final-eval")
-    spec = _spec(CellSpec.model_validate(chosen).canonical_json())
-    return final_cells(spec, a.final_seeds, a.final_train, a.final_eval)
+    return final_cells(_spec(json.dumps(chosen)), a.final_seeds, a.final_train, a.final_eval)
 
 
 def cmd_train_pack(a) -> int:
@@ -192,7 +192,6 @@ def cmd_select(a) -> int:
 
 def cmd_aggregate(a) -> int:
     from .report import aggregate_dataset
-
     from .results import read_json
 
     # final runs: the cells listed, in seed order, by each `train-pack --selection` manifest

@@ -19,18 +19,24 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def test_dry_run_with_slurm_profile_needs_no_cluster(tmp_path):
+def _dry_run(config: Path, workdir: Path, **env_vars: str) -> str:
+    """`snakemake -n --profile profiles/slurm` of a copy of ``config`` in ``workdir``; its output."""
     pytest.importorskip("snakemake_executor_plugin_slurm", reason='needs pip install -e ".[slurm]"')
-    shutil.copy(TINY, tmp_path / "tiny.yaml")
+    shutil.copy(config, workdir / config.name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(SBATCH_PARTITION="gpu-test", SBATCH_ACCOUNT="lab-test")
+    env.update(env_vars)
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
-         "--directory", str(tmp_path), "--configfile", str(tmp_path / "tiny.yaml")],
+         "--directory", str(workdir), "--configfile", str(workdir / config.name)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_dry_run_with_slurm_profile_needs_no_cluster(tmp_path):
+    out = _dry_run(TINY, tmp_path, SBATCH_PARTITION="gpu-test", SBATCH_ACCOUNT="lab-test")
     # partition/account come from sbatch's own variables, per job
     resources = re.findall(r"resources: (.*)", out)
     assert resources and all("slurm_partition=gpu-test" in r and "slurm_account=lab-test" in r for r in resources)
@@ -46,16 +52,7 @@ def test_slurm_groups_never_mix_packs_and_final_runs(tmp_path):
     (final -> selection -> pack in the other group, and back): Snakemake then
     starts neither and ends the run "successfully" with most of it undone.
     """
-    pytest.importorskip("snakemake_executor_plugin_slurm", reason='needs pip install -e ".[slurm]"')
-    shutil.copy(REPO / "config" / "demo.yaml", tmp_path / "demo.yaml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm",
-         "--directory", str(tmp_path), "--configfile", str(tmp_path / "demo.yaml")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = _dry_run(REPO / "config" / "demo.yaml", tmp_path)
     groups = re.split(r"Group job (\w+) \(jobs in lexicogr\. order\):", out)[1:]
     rules_by_group = [(name, set(re.findall(r"^    rule (\w+):", body.split("\n\n\n")[0], re.M)))
                       for name, body in zip(groups[::2], groups[1::2])]  # fmt: skip

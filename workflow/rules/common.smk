@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from peft_core.config import CellSpec, load_study
+from peft_core.config import load_study
 from peft_core.errors import InputError
 from peft_core.methods import get_method
 from peft_core.packs import group_into_packs, pack_id
