@@ -122,10 +122,14 @@ def cmd_train(a) -> int:
         raise InputError(f"{a.spec}: file not found")
     spec = _spec(a.spec_json if a.spec_json else Path(a.spec).read_text())
     code = _check_inputs(a)
+    from .fingerprint import cell_inputs
     from .train import Preempted, run_cell
 
+    inputs = cell_inputs(spec.train_split, a.train_data, spec.eval_split, a.eval_data, a.checkpoint)
     try:
-        m = run_cell(spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code)
+        m = run_cell(
+            spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code, inputs=inputs
+        )
     except Preempted:
         return PREEMPTED_EXIT  # the rerun (Snakemake retry or SLURM requeue) resumes
     return 0 if m["status"] in ("ok", "diverged") else 1
@@ -150,17 +154,26 @@ def _final_specs(a) -> list:
 def cmd_train_pack(a) -> int:
     specs = [_spec(raw) for raw in a.spec_json] if a.spec_json else _final_specs(a)
     code = _check_inputs(a)
+    if len({(s.train_split, s.eval_split) for s in specs}) != 1:
+        raise InputError("train-pack: every cell of a pack must read the same train and eval splits")
+    from .fingerprint import cell_inputs
     from .packs import run_pack
     from .train import Preempted, run_cell
 
+    # sha256 of what every cell reads, memoised beside the cells (by path, size, mtime)
+    memo = Path(a.cells_root).parent / "fingerprints"
+    inputs = cell_inputs(specs[0].train_split, a.train_data, specs[0].eval_split, a.eval_data, a.checkpoint, memo)
+
     def train_one(spec, out):
-        return run_cell(spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code)
+        return run_cell(
+            spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code, inputs=inputs
+        )
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log)
+        rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log, inputs)
     except Preempted:
         return PREEMPTED_EXIT
     trained = sum(not r["reused"] for r in rows)

@@ -18,12 +18,34 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import InputError
 
 GROUPS = ("natural", "specialized", "structured")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+# Learning-rate schedules: the reference codebase's timm CosineLRScheduler stepped once per
+# epoch (and one epoch late), or the same warm-up + cosine curve evaluated at every step.
+SCHEDULES = ("reference_epoch", "per_step")
+# PEFT-module and head initialisation: the methods' intended one (zero up-projections, ...),
+# or the reference codebase's as-run one (timm init_weights re-run after adding the modules).
+INITS = ("intended", "reference")
 NAME = r"^[a-z][a-z0-9_]*$"
+
+
+def _plain_path(path: str) -> str:
+    """Paths reach Snakemake patterns and shell commands (always quoted there): spaces,
+    ``;`` or ``$()`` are used literally; braces (Snakemake wildcards) and control
+    characters cannot be, so they are refused here."""
+    bad = next((c for c in path if c in "{}" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{path!r}: {bad!r} is not allowed in a path (braces are Snakemake wildcards)")
+    if not path.strip():
+        raise ValueError("empty path")
+    return path
+
+
+PathStr = Annotated[str, AfterValidator(_plain_path)]
 
 
 class Strict(BaseModel):
@@ -45,7 +67,7 @@ class OodSpec(Strict):
     the model's logits are restricted to those classes before the argmax.
     """
 
-    root: str = Field(
+    root: PathStr = Field(
         description="folder holding the split: <root>/<split>.txt (vtab), <root>/<split>.csv (csv) "
         "or <root>/<split>/<class_name>/<image> (imagefolder)"
     )
@@ -54,7 +76,7 @@ class OodSpec(Strict):
     num_classes: int | None = Field(
         None, ge=1, description="classes of this set (default: len(class_map), else the ID data set's)"
     )
-    class_map: list[Annotated[int, Field(ge=0)]] | str | None = Field(
+    class_map: list[Annotated[int, Field(ge=0)]] | PathStr | None = Field(
         None,
         description="ID class index of each of this set's classes, as a list or a text file of one index "
         "per line (# comments); logits are restricted to these classes before the argmax",
@@ -68,7 +90,7 @@ class DatasetSpec(Strict):
     num_classes: int = Field(ge=2, description="number of classes (labels are 0..num_classes-1)")
     group: Literal["natural", "specialized", "structured"] = Field(description="VTAB group tag")
     layout: Layout | None = Field(None, description=f"on-disk layout of <root>/<dataset>/, default vtab. {LAYOUT_HELP}")
-    root: str | None = Field(None, description="folder holding <dataset>/ (default: data.root)")
+    root: PathStr | None = Field(None, description="folder holding <dataset>/ (default: data.root)")
     ood: dict[Annotated[str, Field(pattern=NAME)], OodSpec] | None = Field(
         None, description="shifted test sets: name -> where they are (WiSE-FT robustness analysis)"
     )
@@ -94,13 +116,18 @@ class RobustnessConfig(Strict):
 
 
 class DataConfig(Strict):
-    root: str = Field(description="processed VTAB-1k root: <root>/<dataset>/<split>.txt")
+    root: PathStr = Field(description="processed VTAB-1k root: <root>/<dataset>/<split>.txt")
     generator: Literal["demo"] | None = Field(
         None, description="'demo': the embedded demo data is generated into `root` by a workflow rule"
     )
     image_size: int = Field(224, ge=8, description="images are resized to image_size x image_size")
     normalize: Literal["none", "imagenet", "inception"] = Field(
         "none", description="input normalisation; the reference VTAB-1k protocol uses none"
+    )
+    interpolation: Literal[INTERPOLATIONS] = Field(  # type: ignore[valid-type]
+        "bicubic",
+        description="resize filter of the tensor cache; the reference protocol resizes the processed "
+        "VTAB-1k PNGs with bicubic (torchvision Resize on PIL images)",
     )
     tune_train: str = Field("train800", description="split trained on while tuning")
     tune_eval: str = Field("val200", description="split that selects the configuration")
@@ -127,7 +154,7 @@ class PretrainConfig(Strict):
 
 class BackboneConfig(Strict):
     model: str = Field(description="timm model name, e.g. vit_base_patch16_224")
-    checkpoint: str = Field(description="local checkpoint file (.safetensors/.pth/.bin/.npz); never downloaded")
+    checkpoint: PathStr = Field(description="local checkpoint file (.safetensors/.pth/.bin/.npz); never downloaded")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
     pretrain: PretrainConfig | None = Field(
         None, description="demo only: produce `checkpoint` by pre-training on a synthetic upstream task"
@@ -148,10 +175,20 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     drop_path: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal[SCHEDULES] = Field(  # type: ignore[valid-type]
+        "reference_epoch",
+        description="reference_epoch: warm-up + cosine set once per epoch, stepped as the reference codebase "
+        "steps timm's CosineLRScheduler; per_step: the same curve evaluated at every optimiser step",
+    )
+    init: Literal[INITS] = Field(  # type: ignore[valid-type]
+        "intended",
+        description="intended: each method's own initialisation (identity at init where promised); "
+        "reference: as the reference codebase ran it (timm init_weights after adding the PEFT modules)",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
-        description="autocast dtype (fp32 master weights): auto = bf16 on CUDA, fp32 on CPU; "
-        "bf16 also pays off on CPUs with AVX512-BF16/AMX",
+        description="autocast dtype (fp32 master weights): auto = bf16 when the training jobs get a GPU "
+        "(compute.train.gpu > 0 or device cuda), else fp32; resolved before the cell id is computed",
     )
     compile: bool = Field(False, description="torch.compile the model (pays off for long GPU cells)")
     tune_seed: int = Field(0, description="seed of every tuning cell")
@@ -274,7 +311,7 @@ def study_model() -> type[BaseModel]:
         methods=(methods_model(), ...),
         train=(TrainConfig, Field(default_factory=TrainConfig)),
         compute=(ComputeConfig, Field(default_factory=ComputeConfig)),
-        published=(str | None, Field(None, description="CSV of published accuracies shown beside ours")),
+        published=(PathStr | None, Field(None, description="CSV of published accuracies shown beside ours")),
         robustness=(
             RobustnessConfig | None,
             Field(None, description="WiSE-FT analysis of the data sets that declare `ood` sets"),
@@ -380,11 +417,8 @@ class Study:
                 eval_split=d.tune_eval,
                 image_size=d.image_size,
                 normalize=d.normalize,
-                backbone=BackboneSpec(
-                    model=self.cfg.backbone.model,
-                    checkpoint=self.cfg.backbone.checkpoint,
-                    kwargs=self.cfg.backbone.kwargs,
-                ),
+                interpolation=d.interpolation,
+                backbone=self.backbone_spec(),
                 method=method,
                 hparams=hp.model_dump(mode="json"),
                 lr=lr,
@@ -397,13 +431,24 @@ class Study:
                 eval_batch_size=t.eval_batch_size,
                 drop_path=t.drop_path,
                 seed=t.tune_seed,
-                precision=t.precision,
+                schedule=t.schedule,
+                init=t.init,
+                precision=self.precision(),
                 compile=t.compile,
             )
             for hp in self.method_grid(method)
             for lr in lrs
             for wd in wds
         ]
+
+    def backbone_spec(self) -> "BackboneSpec":
+        b = self.cfg.backbone
+        pretrain = b.pretrain.model_dump(mode="json") if b.pretrain is not None else None
+        return BackboneSpec(model=b.model, checkpoint=b.checkpoint, kwargs=b.kwargs, pretrain=pretrain)
+
+    def precision(self) -> str:
+        """The autocast precision the training jobs will run, resolved before any cell id exists."""
+        return resolve_precision(self.cfg.train.precision, self.cfg.compute.train)
 
     def final_cell(self, chosen: "CellSpec", seed: int) -> "CellSpec":
         d = self.cfg.data
@@ -503,10 +548,30 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
 # --------------------------------------------------------------------- cells
 
 
+def resolve_precision(precision: str, resources: TrainResources) -> str:
+    """``auto`` -> bf16 where the training jobs run on a GPU, fp32 otherwise.
+
+    Jobs get a GPU when the config asks for one (``compute.train.gpu`` or
+    ``device: cuda``); with ``device: auto`` and no GPU requested, a local run
+    uses CUDA when this machine has it.
+    """
+    if precision != "auto":
+        return precision
+    if resources.device == "cpu":
+        return "fp32"
+    if resources.device == "cuda" or resources.gpu > 0:
+        return "bf16"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
 class BackboneSpec(Strict):
     model: str
     checkpoint: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # demo backbones: the pre-training that produced `checkpoint` (part of the identity)
+    pretrain: dict[str, Any] | None = None
 
 
 class CellSpec(Strict):
@@ -518,6 +583,7 @@ class CellSpec(Strict):
     eval_split: str
     image_size: int
     normalize: str
+    interpolation: Literal[INTERPOLATIONS]  # type: ignore[valid-type]
     backbone: BackboneSpec
     method: str
     hparams: dict[str, Any]
@@ -531,28 +597,22 @@ class CellSpec(Strict):
     eval_batch_size: int
     drop_path: float
     seed: int
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    schedule: Literal[SCHEDULES]  # type: ignore[valid-type]
+    init: Literal[INITS]  # type: ignore[valid-type]
+    precision: Literal["bf16", "fp32"]  # resolved: a CPU-fp32 and a GPU-bf16 cell never share an id
     compile: bool = False
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def identity(self) -> dict[str, Any]:
-        """The hashed fields. Fields added later count only when set, so their
-        defaults keep every existing cell id (and its cached results) valid."""
-        data = self.model_dump(mode="json")
-        for name in LATE_FIELDS:
-            if data[name] == type(self).model_fields[name].default:
-                del data[name]
-        return data
+        """The hashed fields: all of them. What the cell *read* (data caches, checkpoint
+        bytes) is fingerprinted by content at run time (peft_core/fingerprint.py)."""
+        return self.model_dump(mode="json")
 
     @property
     def cell_id(self) -> str:
         return cell_hash(self.identity())
-
-
-# CellSpec fields added after results existed; their defaults are the values those results had implicitly.
-LATE_FIELDS = ("precision", "compile")
 
 
 CELL_ID = re.compile(r"^[0-9a-f]{10}$")

@@ -9,8 +9,11 @@ one job trains them one after another in one process.
 
 Per-cell staleness is kept by content, not by the pack: a cell's directory
 (``cells/<dataset>/<method>/<cell id>/``) is reused when its ``metrics.json``
-names the same cell id and the same code stamp (the checksum of the engine and
-the method's source files). So adding a learning rate to the grid makes a new
+names the same cell id, the same code stamp (the checksum of the engine and
+the method's source files) and the same input fingerprints (sha256 of the
+train and eval data caches and of the checkpoint it read, see
+peft_core/fingerprint.py); otherwise it retrains and the log says why
+("val200 changed", "checkpoint changed", "code changed"). So adding a learning rate to the grid makes a new
 pack (its id hashes its cells) whose existing cells are reused and only the
 new one trains; editing a method's file changes its code stamp, and every
 cell of that method trains again. ``snakemake --forcerun train_pack`` reruns
@@ -19,16 +22,24 @@ packs but still reuses unchanged cells; delete a cell directory to retrain it.
 A pack's output is a manifest written last and atomically: a pack killed
 mid-cell has no manifest, so Snakemake reruns it, and the rerun reuses the
 cells that finished and resumes a preempted one from its saved state.
+
+One writer per cell: a pack holds an exclusive lock on ``<cell dir>.lock``
+while it checks, trains and writes a cell, so a rerun started beside a job that
+survived (e.g. after only Snakemake was killed) waits for it and then reuses
+its result instead of training the same cell twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import CellSpec, cell_hash
+from .fingerprint import changed_inputs
 from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, read_json, write_json
 
 CELL_FILES = (SPEC, PREDICTIONS, WEIGHTS, METRICS)
@@ -61,16 +72,53 @@ def read_code_stamp(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str) -> dict[str, Any] | None:
-    """The cell's metrics if all outputs are present and metrics.json (written last) is of
-    this cell and this code; None if the cell must (re)train."""
+def reuse_verdict(
+    cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None
+) -> tuple[dict[str, Any] | None, str]:
+    """(metrics, "") if the finished cell can be reused, else (None, why it must (re)train).
+
+    Reusable: all outputs present, and metrics.json (written last) is of this cell,
+    this code and, when ``inputs`` is given, the same input fingerprints.
+    """
+    if not (cell_dir / METRICS).is_file():
+        return None, "not trained yet"
     if not all((cell_dir / name).is_file() for name in CELL_FILES):
-        return None
+        return None, "outputs incomplete"
     try:
         metrics = read_json(cell_dir / METRICS)
     except (OSError, ValueError):
-        return None
-    return metrics if metrics.get("cell") == spec.cell_id and metrics.get("code") == code else None
+        return None, "metrics.json unreadable"
+    if metrics.get("cell") != spec.cell_id:
+        return None, "metrics.json of another cell"
+    if metrics.get("code") != code:
+        return None, "code changed"
+    if inputs is not None:
+        why = changed_inputs(metrics.get("inputs"), inputs)
+        if why:
+            return None, ", ".join(why)
+    return metrics, ""
+
+
+def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None = None):
+    """The cell's metrics if it can be reused, else None (see :func:`reuse_verdict`)."""
+    return reuse_verdict(cell_dir, spec, code, inputs)[0]
+
+
+@contextmanager
+def cell_lock(cell_dir: Path, log: Callable[[str], None]):
+    """Exclusive lock on ``<cell_dir>.lock`` (beside the cell, so deleting the cell keeps it valid)."""
+    lock_path = cell_dir.with_name(cell_dir.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{cell_dir}: another job is writing this cell; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_pack(
@@ -80,20 +128,28 @@ def run_pack(
     code: str,
     manifest: str | Path,
     log: Callable[[str], None],
+    inputs: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse) each cell in order, then write the manifest; returns its rows."""
+    """Train (or reuse) each cell in order, then write the manifest; returns its rows.
+
+    ``inputs`` (peft_core/fingerprint.cell_inputs) is what every cell of the pack reads;
+    a finished cell that read other contents retrains.
+    """
     rows = []
     for spec in specs:
         out = cell_path(cells_root, spec)
-        metrics = reusable_metrics(out, spec, code)
-        reused = metrics is not None
-        if reused:
-            log(f"{spec.dataset}/{spec.method}/{spec.cell_id}: reused (same spec and code)")
-        else:
-            metrics = train_cell(spec, out)
+        name = f"{spec.dataset}/{spec.method}/{spec.cell_id}"
+        with cell_lock(out, log):
+            metrics, why = reuse_verdict(out, spec, code, inputs)
+            reused = metrics is not None
+            if reused:
+                log(f"{name}: reused (same spec, code and inputs)")
+            else:
+                log(f"{name}: training ({why})")
+                metrics = train_cell(spec, out)
         rows.append(
             {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
-             "accuracy": metrics["accuracy"], "reused": reused}
+             "accuracy": metrics["accuracy"], "reused": reused, "trained_because": why or None}
         )  # fmt: skip
     write_json(manifest, {"pack": pack_id(specs), "code": code, "cells": rows})
     return rows

@@ -33,13 +33,30 @@ from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parq
 
 
 def lr_at(step: int, steps_per_epoch: int, spec: CellSpec) -> float:
-    """Per-step schedule: linear warm-up from ``warmup_lr_init``, then cosine to ``lr_min``."""
+    """The learning rate of optimiser step ``step`` (0-based) under ``spec.schedule``."""
+    if spec.schedule == "reference_epoch":
+        return reference_epoch_lr(step // steps_per_epoch, spec)
     warm = spec.warmup_epochs * steps_per_epoch
     total = spec.epochs * steps_per_epoch
     if step < warm:
         return spec.warmup_lr_init + (spec.lr - spec.warmup_lr_init) * step / warm
     progress = (step - warm) / max(1, total - warm)
     return spec.lr_min + 0.5 * (spec.lr - spec.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def reference_epoch_lr(epoch: int, spec: CellSpec) -> float:
+    """The lr of epoch ``epoch`` (0-based) as the reference codebase runs it.
+
+    It builds timm's ``CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs,
+    warmup_lr_init, lr_min)`` (no warm-up prefix: the cosine counts from epoch 0)
+    and calls ``scheduler.step(epoch)`` at the *end* of epoch ``epoch``, which
+    sets the value of ``epoch`` itself; so epoch 0 and 1 both run at
+    ``warmup_lr_init`` and epoch ``e >= 1`` runs at timm's value for ``e - 1``.
+    """
+    t = max(epoch - 1, 0)
+    if t < spec.warmup_epochs:
+        return spec.warmup_lr_init + t * (spec.lr - spec.warmup_lr_init) / spec.warmup_epochs
+    return spec.lr_min + 0.5 * (spec.lr - spec.lr_min) * (1 + math.cos(math.pi * t / spec.epochs))
 
 
 def pick_device(name: str) -> torch.device:
@@ -64,15 +81,20 @@ def build_model(spec: CellSpec, checkpoint: str | Path | None, device: torch.dev
     hp = method.hparams(**spec.hparams)
     model = backbones.build(spec.backbone.model, checkpoint, spec.num_classes, spec.drop_path, spec.backbone.kwargs)
     apply_method(method, model, hp)
+    if spec.init == "reference":
+        from .init import reference_init
+
+        reference_init(model, spec.method)
     unfreeze_head(model)
     return model.to(device)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp32 master weights) where asked, or on CUDA under ``auto``; else fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) where the spec says bf16; else plain fp32.
+
+    The spec's precision is resolved when the study is planned (config.resolve_precision).
+    """
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: CellSpec, device: torch.device) -> torch.optim.AdamW:
@@ -195,7 +217,7 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / spec.batch_size)
-    dtype = autocast_dtype(spec.precision, x.device)
+    dtype = autocast_dtype(spec.precision)
     fwd = forward_fn(model, spec)
     out = Outcome()
     step, first_epoch = 0, 0
@@ -235,7 +257,7 @@ def train(
 @torch.inference_mode()
 def evaluate(model, spec: CellSpec, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    dtype = autocast_dtype(spec.precision, x.device)
+    dtype = autocast_dtype(spec.precision)
     fwd = forward_fn(model, spec)
     chunks = []
     for start in range(0, x.shape[0], spec.eval_batch_size):
@@ -254,13 +276,18 @@ def run_cell(
     device: str = "auto",
     log=None,
     code: str | None = None,
+    inputs: dict | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json."""
+    """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json.
+
+    ``inputs`` (peft_core/fingerprint.cell_inputs) is recorded in metrics.json: the
+    content fingerprints a later run compares before reusing this cell.
+    """
     import pandas as pd
 
     if log is None and sys.stderr.isatty():
         with rich_epoch_log(spec) as live:
-            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code)
+            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -330,12 +357,15 @@ def run_cell(
         "train_s": train_time,
         "eval_s": t_eval - t_trained,
         "device": str(dev),
-        "precision": "bf16" if autocast_dtype(spec.precision, dev) else "fp32",
+        "precision": spec.precision,
+        "schedule": spec.schedule,
+        "init": spec.init,
         "compiled": spec.compile,
         "threads": threads,
         "torch": torch.__version__,
         "peft_core": __version__,
         "code": code,  # checksum of the engine + method sources it ran (packs reuse cells by it)
+        "inputs": inputs,  # sha256 of the data caches and checkpoint it read (packs reuse cells by them)
     }
     write_safetensors(
         out_dir / WEIGHTS,

@@ -29,7 +29,8 @@ def spec(method: str = "lora", hparams: dict | None = None, epochs: int = 2, **k
         normalize="none", backbone=BackboneSpec(model="vit_tiny_patch16_224", checkpoint="backbone.safetensors",
         kwargs=TINY), method=method, hparams=hparams if hparams is not None else {"rank": 2}, lr=1e-2,
         weight_decay=1e-4, epochs=epochs, warmup_epochs=1, warmup_lr_init=1e-6, lr_min=1e-5, batch_size=16,
-        eval_batch_size=64, drop_path=0.1, seed=0,
+        eval_batch_size=64, drop_path=0.1, seed=0, interpolation="bicubic", schedule="per_step",
+        init="intended", precision="fp32",
     )  # fmt: skip
     fields.update(kw)
     return CellSpec(**fields)

@@ -27,12 +27,26 @@ def test_cell_hash_is_stable(study):
     assert len(spec.cell_id) == 10 and spec.cell_id == CellSpec.model_validate_json(spec.canonical_json()).cell_id
 
 
-def test_fields_added_later_keep_existing_ids_at_their_defaults(study):
+def test_every_spec_field_is_in_the_identity(study):
     spec = study.tuning_cells("digits", "full")[0]
-    old = spec.model_dump(mode="json", exclude={"precision", "compile"})  # a spec from before they existed
-    assert spec.cell_id == cell_hash(old) == "85153083bd"  # its id before this change
-    assert spec.model_copy(update={"precision": "bf16"}).cell_id != spec.cell_id
-    assert spec.model_copy(update={"compile": True}).cell_id != spec.cell_id
+    changes = {"precision": "bf16", "compile": True, "schedule": "reference_epoch", "init": "reference",
+               "interpolation": "bilinear"}  # fmt: skip
+    for field, value in changes.items():
+        assert getattr(spec, field) != value
+        assert spec.model_copy(update={field: value}).cell_id != spec.cell_id, field
+    other = spec.backbone.model_copy(update={"pretrain": {**spec.backbone.pretrain, "epochs": 1}})
+    assert spec.model_copy(update={"backbone": other}).cell_id != spec.cell_id  # demo pre-training settings
+
+
+def test_auto_precision_is_resolved_before_the_cell_id():
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    ids = {}
+    for device, gpu, want in (("cpu", 0, "fp32"), ("cuda", 0, "bf16"), ("auto", 1, "bf16")):
+        raw["compute"]["train"].update(device=device, gpu=gpu)
+        spec = load_study(raw).tuning_cells("digits", "lora")[0]
+        assert spec.precision == want
+        ids[device] = spec.cell_id
+    assert ids["cpu"] != ids["cuda"] == ids["auto"]  # a CPU-fp32 and a GPU-bf16 cell never share an id
 
 
 def test_precision_and_compile_reach_the_cells():
@@ -153,3 +167,52 @@ def test_rank_frame_ties_share_the_best_rank():
     ranks = rank_frame(summ, ["x", "y"])
     assert ranks.loc["a", "x"] == ranks.loc["b", "x"] == 1 and ranks.loc["c", "x"] == 3
     assert list(ranks.index) == ["b", "a", "c"]  # mean ranks 1.5, 2, 2 (ties keep config order)
+
+
+def test_reference_epoch_schedule_is_timms_scheduler_stepped_as_the_reference_does():
+    """The reference builds timm's CosineLRScheduler and calls ``step(epoch)`` at the end of each epoch."""
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from peft_core.train import lr_at
+
+    import torch
+
+    from .. import toycell
+
+    spec = toycell.spec(epochs=20, warmup_epochs=4, lr=0.01, schedule="reference_epoch")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.lr)
+    sched = CosineLRScheduler(opt, t_initial=spec.epochs, warmup_t=spec.warmup_epochs, lr_min=spec.lr_min,
+                              warmup_lr_init=spec.warmup_lr_init)  # fmt: skip
+    steps_per_epoch = 3
+    for epoch in range(spec.epochs):
+        ran = opt.param_groups[0]["lr"]
+        for k in range(steps_per_epoch):
+            assert lr_at(epoch * steps_per_epoch + k, steps_per_epoch, spec) == pytest.approx(ran, rel=1e-12), epoch
+            sched.step_update(epoch * steps_per_epoch + k + 1)
+        sched.step(epoch)
+    per_step = spec.model_copy(update={"schedule": "per_step"})
+    assert lr_at(1, steps_per_epoch, per_step) != lr_at(0, steps_per_epoch, per_step)  # changes within an epoch
+
+
+@pytest.mark.parametrize("bad", ["data/{dataset}", "data/a\nb", ""])
+def test_paths_with_braces_or_control_characters_are_refused(bad):
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["data"]["root"] = bad
+    with pytest.raises(InputError, match=r"^data\.root: "):
+        load_study(raw)
+
+
+def test_paths_with_spaces_and_shell_characters_are_accepted():
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["data"]["root"] = "data/my runs; $(touch pwned) `x`"
+    assert load_study(raw).cfg.data.root == raw["data"]["root"]
+
+
+def test_full_fine_tuning_gets_its_own_low_lr_grid_in_the_flagship_config():
+    study = load_study(REPO / "config" / "vtab1k.yaml")
+    lrs = sorted({c.lr for c in study.tuning_cells("cifar100", "full")})
+    assert lrs == [1e-5, 3e-5, 1e-4, 3e-4]
+    assert sorted({c.lr for c in study.tuning_cells("cifar100", "lora")}) == [1e-3, 1e-2]  # PEFT: the shared grid
+    grid = yaml.safe_load((REPO / "config" / "method_grids" / "full.yaml").read_text())
+    assert grid["lr"] == lrs
+    assert {c.schedule for c in study.tuning_cells("cifar100", "lora")} == {"reference_epoch"}

@@ -22,6 +22,6 @@ rule analyse_ensembles:
         results=lambda wc, input: Path(input.tables[0]).parent.parent,
         out_dir=lambda wc, output: Path(output[0]).parent,
     shell:
-        "python -m peft_core.cli ensembles --study {params.study} --results {params.results} "
-        "--tables {input.tables} --selections {input.selections} --out-dir {params.out_dir} "
-        "> {log} 2>&1"
+        "python -m peft_core.cli ensembles --study {params.study:q} --results {params.results:q} "
+        "--tables {input.tables:q} --selections {input.selections:q} --out-dir {params.out_dir:q} "
+        "> {log:q} 2>&1"

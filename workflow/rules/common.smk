@@ -71,13 +71,43 @@ def cell_dir(spec):
 
 
 def cache_path(dataset, split):
-    return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px.pt"
+    """The decoded split; its name holds the size and resize filter (the cache's identity)."""
+    return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt"
+
+
+def disjoint_splits(split):
+    """Splits that must share no image with ``split`` (checked when it is cached):
+    validation vs tuning-train and test; test vs every split trained or selected on."""
+    d = CFG.data
+    others = {
+        d.tune_eval: [d.tune_train, d.final_eval],
+        d.final_eval: [d.tune_train, d.tune_eval, d.final_train],
+    }.get(split, [])
+    return [s for s in dict.fromkeys(others) if s != split]
+
+
+def listed_images(listing, layout):
+    """How many images a split listing names (0 while it does not exist yet)."""
+    path = Path(listing)
+    if layout == "imagefolder":
+        return sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def cache_mem_mb(listing, layout):
+    """Memory for caching one split: a base plus one copy of the decoded images (a
+    safety margin: the cache is written image by image, see peft_core/data.py)."""
+    n = listed_images(listing, layout)
+    return 1000 + (n * 3 * CFG.data.image_size**2) // 2**20
 
 
 def pack_specs(wildcards):
     if wildcards.pack not in PACK_SPECS:
         raise WorkflowError(
-            f"pack {wildcards.pack} of {wildcards.dataset}/{wildcards.method} is not in the config"
+            f"pack {wildcards.pack:q} of {wildcards.dataset:q}/{wildcards.method:q} is not in the config"
         )
     return PACK_SPECS[wildcards.pack]
 

@@ -13,10 +13,10 @@ rule aggregate_dataset:
         study=STUDY.name,
         final_eval=CFG.data.final_eval,
     shell:
-        "python -m peft_core.cli aggregate --study {params.study} --group {params.group} "
-        "--final-eval {params.final_eval} --cells {params.cells} --finals {input.finals} "
-        "--selections {input.selections} "
-        "--out {output} > {log} 2>&1"
+        "python -m peft_core.cli aggregate --study {params.study:q} --group {params.group:q} "
+        "--final-eval {params.final_eval:q} --cells {params.cells:q} --finals {input.finals:q} "
+        "--selections {input.selections:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule build_report:
@@ -39,5 +39,5 @@ rule build_report:
         config=json.dumps(config),
         out_dir=lambda wc, output: Path(output.md).parent,
     shell:
-        "python -m peft_core.cli report --config {params.config:q} --tables {input} --out-dir {params.out_dir} "
-        "> {log} 2>&1"
+        "python -m peft_core.cli report --config {params.config:q} --tables {input:q} --out-dir {params.out_dir:q} "
+        "> {log:q} 2>&1"

@@ -21,15 +21,15 @@ if DEMO_SHIFTS:
         params:
             dataset=lambda wc: DEMO_SHIFTS[wc.shift_root][0],
         shell:
-            "python -m peft_core.cli make-demo-shift --root {wildcards.shift_root} --dataset {params.dataset} "
-            "--split {wildcards.shift_split} > {log} 2>&1"
+            "python -m peft_core.cli make-demo-shift --root {wildcards.shift_root:q} --dataset {params.dataset:q} "
+            "--split {wildcards.shift_split:q} > {log:q} 2>&1"
 
 
 rule cache_ood:
     input:
         lambda wc: ood_listing(wc.dataset, wc.ood),
     output:
-        f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px.pt",
+        f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt",
     log:
         f"{LOGS}/cache_ood/{{dataset}}/{{ood}}.log",
     wildcard_constraints:
@@ -44,11 +44,12 @@ rule cache_ood:
         split=lambda wc: STUDY.ood_sets(wc.dataset)[wc.ood].split,
         layout=lambda wc: STUDY.ood_sets(wc.dataset)[wc.ood].layout or "vtab",
         size=CFG.data.image_size,
+        interpolation=CFG.data.interpolation,
         num_classes=lambda wc: STUDY.ood_num_classes(wc.dataset, wc.ood),
     shell:
-        "python -m peft_core.cli cache --root {params.parent} --dataset {params.folder} --split {params.split} "
-        "--layout {params.layout} --size {params.size} --num-classes {params.num_classes} --out {output} "
-        "> {log} 2>&1"
+        "python -m peft_core.cli cache --root {params.parent:q} --dataset {params.folder:q} --split {params.split:q} "
+        "--layout {params.layout:q} --size {params.size:q} --interpolation {params.interpolation:q} --num-classes {params.num_classes:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule robustness:
@@ -79,9 +80,9 @@ rule robustness:
         results=lambda wc, input: Path(input.table).parent.parent,
         device=CFG.compute.train.device,
     shell:
-        "python -m peft_core.cli robustness --tables {input.table} --selections {input.selections} "
-        "--results {params.results} --plan {params.plan:q} --eval {params.evals} "
-        "--checkpoint {input.checkpoint} --threads {threads} --device {params.device} --out {output} > {log} 2>&1"
+        "python -m peft_core.cli robustness --tables {input.table:q} --selections {input.selections:q} "
+        "--results {params.results:q} --plan {params.plan:q} --eval {params.evals:q} "
+        "--checkpoint {input.checkpoint:q} --threads {threads} --device {params.device:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule robustness_report:
@@ -107,5 +108,5 @@ rule robustness_report:
         study=STUDY.name,
         out_dir=lambda wc, output: Path(output.md).parent,
     shell:
-        "python -m peft_core.cli robustness-report --study {params.study} --tables {input} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "python -m peft_core.cli robustness-report --study {params.study:q} --tables {input:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"

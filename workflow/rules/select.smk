@@ -13,4 +13,4 @@ rule select_config:
         cells=lambda wc: tuning_dirs(wc.dataset, wc.method),
         split=CFG.data.tune_eval,
     shell:
-        "python -m peft_core.cli select --cells {params.cells} --eval-split {params.split} --out {output} > {log} 2>&1"
+        "python -m peft_core.cli select --cells {params.cells:q} --eval-split {params.split:q} --out {output:q} > {log:q} 2>&1"

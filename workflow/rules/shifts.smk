@@ -22,7 +22,12 @@ def ood_listing(dataset, name):
 
 
 def ood_cache(dataset, name):
-    return f"{RES}/cache/{dataset}/ood/{name}_{CFG.data.image_size}px.pt"
+    return f"{RES}/cache/{dataset}/ood/{name}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt"
+
+
+def layout_listing(dataset, split):
+    root, layout = STUDY.data_location(dataset)
+    return split_listing(f"{root}/{dataset}", split, layout)
 
 
 def eval_caches(dataset):

@@ -13,7 +13,7 @@ rule stamp_code:
     conda:
         ENV
     shell:
-        "python -m peft_core.cli code-stamp --files {input} --out {output} > {log} 2>&1"
+        "python -m peft_core.cli code-stamp --files {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 # Tuning: one job per method configuration trains its lr x weight-decay cells
@@ -40,10 +40,10 @@ rule train_pack:
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
     shell:
-        "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train} "
-        "--eval-data {input.eval} --checkpoint {input.checkpoint} --code-stamp {input.code} "
-        "--cells-root {params.cells} --manifest {output} --threads {threads} --device {params.device} "
-        "> {log} 2>&1"
+        "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train:q} "
+        "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
+        "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
+        "> {log:q} 2>&1"
 
 
 # Final runs: one job per (dataset, method) trains the chosen configuration
@@ -76,8 +76,8 @@ rule train_final:
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
     shell:
-        "python -m peft_core.cli train-pack --selection {input.selection} --final-seeds {params.seeds} "
-        "--final-train {params.final_train} --final-eval {params.final_eval} --train-data {input.train} "
-        "--eval-data {input.eval} --checkpoint {input.checkpoint} --code-stamp {input.code} "
-        "--cells-root {params.cells} --manifest {output} --threads {threads} --device {params.device} "
-        "> {log} 2>&1"
+        "python -m peft_core.cli train-pack --selection {input.selection:q} --final-seeds {params.seeds:q} "
+        "--final-train {params.final_train:q} --final-eval {params.final_eval:q} --train-data {input.train:q} "
+        "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
+        "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
+        "> {log:q} 2>&1"

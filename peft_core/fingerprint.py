@@ -1,0 +1,93 @@
+"""Content fingerprints of what a cell consumed: its data caches and its checkpoint.
+
+A cell's id hashes its *configuration* (peft_core/config.py); the files it reads
+are named there by path only. So that a corrected split file or a swapped
+checkpoint at the same path cannot leave old numbers in the reports, every cell
+records the sha256 of each input it read (``metrics.json`` ``inputs``), and a
+finished cell is reused only when all of them match (peft_core/packs.py).
+
+Hashing a multi-GB file on every job would cost more than some cells, so a
+digest is memoised in a small JSON file keyed by the file's resolved path,
+size and modification time (ns): a ``touch`` rehashes once and finds the same
+digest; a different file at the same path has a new mtime and is rehashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import InputError
+from .results import write_json
+
+CHUNK = 1 << 22  # 4 MiB reads
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(path: Path) -> dict[str, object]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """sha256 of ``path``'s content, memoised in ``memo_dir`` by path, size and mtime."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    key = _stat_key(path)
+    memo = None
+    if memo_dir is not None:
+        name = hashlib.sha256(str(key["path"]).encode()).hexdigest()[:20]
+        memo = Path(memo_dir) / f"{name}.json"
+        try:
+            saved = json.loads(memo.read_text())
+            if {k: saved.get(k) for k in key} == key and isinstance(saved.get("sha256"), str):
+                return saved["sha256"]
+        except (OSError, ValueError):
+            pass
+    digest = sha256_file(path)
+    if memo is not None and _stat_key(path) == key:  # unchanged while hashing
+        write_json(memo, {**key, "sha256": digest})
+    return digest
+
+
+def cell_inputs(
+    train_split: str,
+    train_data: str | Path,
+    eval_split: str,
+    eval_data: str | Path,
+    checkpoint: str | Path | None,
+    memo_dir: str | Path | None = None,
+) -> dict[str, dict[str, str | None]]:
+    """The ``inputs`` record of a cell: split name / path -> sha256 of each file it reads."""
+    return {
+        "train": {"split": train_split, "sha256": fingerprint(train_data, memo_dir)},
+        "eval": {"split": eval_split, "sha256": fingerprint(eval_data, memo_dir)},
+        "checkpoint": {
+            "path": os.fspath(checkpoint) if checkpoint is not None else None,
+            "sha256": fingerprint(checkpoint, memo_dir) if checkpoint is not None else None,
+        },
+    }
+
+
+def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
+    """Why a finished cell's inputs differ from the current ones ([] when they match)."""
+    if not recorded:
+        return ["no input fingerprints recorded"]
+    why = []
+    for role in ("train", "eval"):
+        if (recorded.get(role) or {}).get("sha256") != current[role]["sha256"]:
+            why.append(f"{current[role]['split']} changed")
+    if (recorded.get("checkpoint") or {}).get("sha256") != current["checkpoint"]["sha256"]:
+        why.append("checkpoint changed")
+    return why
