@@ -73,8 +73,9 @@ def cmd_pretrain_demo(a) -> int:
 def cmd_cache(a) -> int:
     from .data import build_cache
 
-    n = build_cache(a.root, a.dataset, a.split, a.size, a.num_classes, a.out, layout=a.layout)
-    print(f"{a.out}: {n} images")
+    info = build_cache(a.root, a.dataset, a.split, a.size, a.num_classes, a.out, layout=a.layout,
+                       interpolation=a.interpolation, disjoint_from=a.disjoint_from)  # fmt: skip
+    print(f"{a.out}: {info.count} images, content sha256 {info.sha256} (also in {a.out}.sha256)")
     return 0
 
 
@@ -382,6 +383,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, required=True)
     s.add_argument("--num-classes", type=int, required=True)
     s.add_argument("--layout", default="vtab", choices=["vtab", "imagefolder", "csv"], help="see peft_core/data.py")
+    s.add_argument("--interpolation", default="bicubic", help="PIL resize filter (bicubic: the reference protocol's)",
+                   choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"])  # fmt: skip
+    s.add_argument("--disjoint-from", action="append", default=[], metavar="SPLIT",
+                   help="refuse if SPLIT of the same data set shares an image, by path or bytes (repeatable)")  # fmt: skip
     s.set_defaults(fn=cmd_cache)
 
     s = sub.add_parser("prepare-vtab", help="check a processed VTAB-1k root (splits, sizes, labels, image files)")

@@ -10,15 +10,24 @@ Layouts of the data-set directory ``<root>/<dataset>`` (``layout`` argument):
 - ``csv``: ``<split>.csv`` with a ``path,label`` header (paths relative to the
   data-set directory or absolute; other columns are ignored).
 
-:func:`build_cache` decodes and resizes every image once into
-``uint8[N, 3, S, S]`` plus ``int64`` labels; training jobs load that file and
-slice batches on the device. A missing or corrupt image fails here, with its
-path, never mid-training.
+:func:`build_cache` decodes and resizes (bicubic by default, as the reference
+protocol) every image once into ``uint8[N, 3, S, S]`` plus ``int64`` labels,
+a ``torch.save`` dict that :func:`load_split` reads; training jobs load that
+file and slice batches on the device. It streams: one decoded image in memory
+at a time. A missing or corrupt image fails here, with its path, never
+mid-training, and leaves no cache behind. Beside the cache, ``<cache>.sha256``
+holds its content fingerprint (:func:`cache_fingerprint`). Split hygiene
+(``disjoint_from``) refuses a split that shares an image with another.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import struct
+import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +35,12 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .results import write_torch
+from .hygiene import shared_images
+from .results import _atomic, write_text
 
 LAYOUTS = ("vtab", "imagefolder", "csv")
+# PIL resampling filters (``PIL.Image.Resampling`` members, lower case).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
 
@@ -56,17 +68,27 @@ def read_split_file(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """One image file -> C-contiguous ``uint8[3, size, size]`` (RGB, resized with PIL's ``interpolation``)."""
     from PIL import Image, UnidentifiedImageError
 
+    resample = _resample(interpolation)
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+            img = img.convert("RGB").resize((size, size), resample)
+            return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError too
         raise InputError(f"{path}: corrupt image ({' '.join(str(err).split())})") from None
+
+
+def _resample(interpolation: str):
+    from PIL import Image
+
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(f"interpolation: {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    return Image.Resampling[interpolation.upper()]
 
 
 def read_imagefolder_split(split_dir: Path, num_classes: int) -> list[tuple[Path, int]]:
@@ -125,20 +147,193 @@ def split_entries(
     raise InputError(f"layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    count: int  # images in the cache
+    sha256: str  # content fingerprint, see :func:`cache_fingerprint`
+
+
 def build_cache(
-    root: str | Path, dataset: str, split: str, size: int, num_classes: int, out: str | Path, layout: str = "vtab"
-) -> int:
-    """Decode one split into ``out`` (written atomically); returns the image count."""
-    source, entries = split_entries(Path(root) / dataset, split, num_classes, layout)
-    images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
-    labels = np.empty(len(entries), dtype=np.int64)
-    for i, (path, label) in enumerate(entries):
+    root: str | Path,
+    dataset: str,
+    split: str,
+    size: int,
+    num_classes: int,
+    out: str | Path,
+    layout: str = "vtab",
+    interpolation: str = "bicubic",
+    disjoint_from: Sequence[str] = (),
+) -> CacheInfo:
+    """Decode one split into ``out`` and its fingerprint into ``<out>.sha256``; returns count and fingerprint.
+
+    ``interpolation`` defaults to bicubic because the reference protocol
+    resizes the processed VTAB-1k PNGs with ``transforms.Resize((224, 224),
+    interpolation=bicubic)`` on PIL images (OSU-MLB/ViT_PEFT_Vision,
+    data/dataset/vtab_processed.py); on a PIL image that is PIL's own resize,
+    which :func:`decode_image` calls, so the pixels are the same.
+
+    Before anything is decoded, every split named in ``disjoint_from`` (same
+    data set and layout) must share no image with this one, by path or by
+    content (see :func:`peft_core.hygiene.shared_images`).
+
+    Images are decoded one at a time and written straight into the final file
+    format (a ``torch.save`` archive whose storage space is reserved first), so
+    memory stays flat in the number of images; the fingerprint is computed in
+    the same pass. The cache is written to a temporary name and renamed, then
+    the sidecar: a failed run leaves neither, a killed one no file under the
+    final name.
+    """
+    base = Path(root) / dataset
+    _resample(interpolation)
+    source, entries = split_entries(base, split, num_classes, layout)
+    for path, label in entries:
         if not 0 <= label < num_classes:
             raise InputError(f"{source}: label {label} of {path} outside 0..{num_classes - 1}")
-        images[i] = decode_image(path, size)
-        labels[i] = label
-    write_torch(Path(out), {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)})
-    return len(entries)
+    for other in disjoint_from:
+        if other == split:
+            raise InputError(f"--disjoint-from {other}: that is the split being cached")
+        _, other_entries = split_entries(base, other, num_classes, layout)
+        hit = shared_images(entries, other_entries)
+        if hit is not None:
+            how = "(the same file)" if hit[0].resolve() == hit[1].resolve() else f"(same bytes as {hit[1]})"
+            raise InputError(f"{base}: splits {split!r} and {other!r} share an image: {hit[0]} {how}")
+
+    out = Path(out)
+    sidecar = fingerprint_path(out)
+    sidecar.unlink(missing_ok=True)
+    digest = ""
+
+    def write(tmp: str) -> None:
+        nonlocal digest
+        digest = _stream_cache(Path(tmp), entries, size, interpolation)
+
+    _atomic(out, write)
+    write_text(sidecar, digest + "\n")
+    return CacheInfo(len(entries), digest)
+
+
+def fingerprint_path(cache: str | Path) -> Path:
+    """The sidecar beside a cache: ``<cache>.sha256``, one line holding the hex digest."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".sha256")
+
+
+def _content_hash(n: int, size: int):
+    """The fingerprint's hash, primed with the shapes and dtypes; then image bytes, then labels (int64 LE)."""
+    return hashlib.sha256(f"peft-core cache v1 images uint8 {n},3,{size},{size} labels int64 {n}\n".encode())
+
+
+def _stream_cache(tmp: Path, entries: list[tuple[Path, int]], size: int, interpolation: str) -> str:
+    """Write the cache archive into ``tmp`` image by image; returns the content fingerprint."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n = len(entries)
+    labels = np.array([label for _, label in entries], dtype=np.int64)
+    with FakeTensorMode():  # a tensor with a shape and no memory
+        images = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    with torch.serialization.skip_data(materialize_fake_tensors=True):  # reserves the storages' space
+        torch.save({"images": images, "labels": torch.from_numpy(labels)}, tmp)
+    records = _storage_records(tmp, {"images": n * 3 * size * size, "labels": labels.nbytes})
+    h = _content_hash(n, size)
+    crc = {}
+    with open(tmp, "r+b") as f:
+        f.seek(records["images"].data_offset)
+        c = 0
+        for path, _ in entries:
+            buf = decode_image(path, size, interpolation).data
+            f.write(buf)
+            h.update(buf)
+            c = zlib.crc32(buf, c)
+        crc["images"] = c
+        f.seek(records["labels"].data_offset)
+        f.write(labels.tobytes())  # native order, as torch.save records in the archive's byteorder
+        h.update(labels.astype("<i8").tobytes())
+        crc["labels"] = zlib.crc32(labels.tobytes())
+        _set_crcs(f, {records[k].name: v for k, v in crc.items()})
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str  # name inside the zip archive
+    data_offset: int
+
+
+def _storage_records(path: Path, nbytes: dict[str, int]) -> dict[str, _Record]:
+    """Which ``<archive>/data/<key>`` record holds which tensor, told apart by byte size (3*S*S != 8)."""
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
+    reader = torch._C.PyTorchFileReader(str(path))
+    found = {}
+    for key, want in nbytes.items():
+        match = [i for i in infos if i.file_size == want]
+        if len(match) != 1 or match[0].compress_type != zipfile.ZIP_STORED:
+            raise RuntimeError(f"{path}: unexpected torch.save archive layout ({len(match)} records for {key})")
+        name = match[0].filename
+        found[key] = _Record(name, reader.get_record_offset(name.split("/", 1)[1]))
+    return found
+
+
+def _set_crcs(f, crcs: dict[str, int]) -> None:
+    """Write CRC-32s of records filled in after ``torch.save`` into the archive's data descriptors and
+    central directory, so the cache is a valid zip (torch itself does not check them)."""
+    f.flush()
+    f.seek(0)
+    with zipfile.ZipFile(f) as z:
+        infos, start_dir = z.infolist(), z.start_dir
+    pos = start_dir
+    for info in infos:  # central directory entries, in infolist order
+        f.seek(pos)
+        head = f.read(46)
+        if head[:4] != b"PK\x01\x02":
+            raise RuntimeError(f"zip central directory entry {info.filename}: bad signature")
+        n_name, n_extra, n_comment = struct.unpack("<HHH", head[28:34])
+        if info.filename in crcs:
+            crc = struct.pack("<I", crcs[info.filename])
+            f.seek(pos + 16)
+            f.write(crc)
+            if info.flag_bits & 0x08:  # a data descriptor follows the data
+                f.seek(info.header_offset + 26)
+                n_local_name, n_local_extra = struct.unpack("<HH", f.read(4))
+                desc = info.header_offset + 30 + n_local_name + n_local_extra + info.compress_size
+                f.seek(desc)
+                sig = f.read(4)
+                f.seek(desc + 4 if sig == b"PK\x07\x08" else desc)
+                f.write(crc)
+            else:
+                f.seek(info.header_offset + 14)
+                f.write(crc)
+        pos += 46 + n_name + n_extra + n_comment
+
+
+def cache_fingerprint(path: str | Path) -> str:
+    """The content fingerprint of a cache (hex sha256 of its shapes, dtypes, image and label bytes).
+
+    Read from the ``<path>.sha256`` sidecar when it exists and is not older than
+    the cache; otherwise computed from the cache (chunk by chunk, memory-mapped)
+    and the sidecar written. Equal content gives equal fingerprints whatever
+    wrote the file, caches from before streaming included.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: data cache not found")
+    sidecar = fingerprint_path(path)
+    if sidecar.is_file() and sidecar.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        text = sidecar.read_text().strip()
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            return text
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    images, labels = obj["images"], obj["labels"]
+    n, size = labels.shape[0], images.shape[-1]
+    if images.dtype != torch.uint8 or labels.dtype != torch.int64 or tuple(images.shape) != (n, 3, size, size):
+        raise InputError(f"{path}: not a data cache (images {images.dtype} {tuple(images.shape)}, labels {labels.dtype})")
+    h = _content_hash(n, size)
+    for i in range(0, n, 256):
+        h.update(images[i : i + 256].contiguous().numpy().data)
+    h.update(labels.numpy().astype("<i8").tobytes())
+    digest = h.hexdigest()
+    write_text(sidecar, digest + "\n")
+    return digest
 
 
 def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:

@@ -27,7 +27,7 @@ def test_imagefolder_labels_are_sorted_class_folders(tmp_path):
     png(split / "ant" / "c.PNG", 20)
     (split / "ant" / "notes.txt").write_text("not an image")
     (split / "ant" / ".DS_Store").write_bytes(b"\0")
-    assert build_cache(tmp_path, "ds", "train", 8, 2, tmp_path / "c.pt", layout="imagefolder") == 3
+    assert build_cache(tmp_path, "ds", "train", 8, 2, tmp_path / "c.pt", layout="imagefolder").count == 3
     data = load_split(tmp_path / "c.pt")
     assert data.labels.tolist() == [0, 0, 1]
     assert data.images.shape == (3, 3, 8, 8) and data.images.dtype == torch.uint8
@@ -40,7 +40,7 @@ def test_imagefolder_class_count_must_match(tmp_path):
         build_cache(tmp_path, "ds", "val", 8, 3, tmp_path / "c.pt", layout="imagefolder")
     (tmp_path / "ds" / "val" / "b").mkdir()
     (tmp_path / "ds" / "val" / "c").mkdir()  # empty folders keep absent classes' labels in place
-    assert build_cache(tmp_path, "ds", "val", 8, 3, tmp_path / "c.pt", layout="imagefolder") == 1
+    assert build_cache(tmp_path, "ds", "val", 8, 3, tmp_path / "c.pt", layout="imagefolder").count == 1
 
 
 def test_csv_layout(tmp_path):
@@ -68,7 +68,7 @@ def test_csv_without_header_or_with_bad_label(tmp_path):
 def test_vtab_layout_is_the_default(tmp_path):
     png(tmp_path / "ds" / "images" / "a b.png", 7)
     (tmp_path / "ds" / "train800.txt").write_text("images/a b.png 1\n")
-    assert build_cache(tmp_path, "ds", "train800", 4, 2, tmp_path / "c.pt") == 1
+    assert build_cache(tmp_path, "ds", "train800", 4, 2, tmp_path / "c.pt").count == 1
     with pytest.raises(InputError, match="label 1 of .*a b.png outside 0..0"):
         build_cache(tmp_path, "ds", "train800", 4, 1, tmp_path / "c.pt")
 
