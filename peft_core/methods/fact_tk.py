@@ -19,11 +19,11 @@ On ViT-B/16 that is ``1536 r + 144 r + r^3`` parameters. ``V`` starts at
 zero (identity at init). Mergeable: each layer's increment is folded into its
 timm linear.
 
-Deviations from the reference codebase (also in ``METHOD.deviations``):
-``layout="per_slice"`` keeps our earlier, different function (each d x d
-chunk ``j`` of fc1 / fc2 uses its one slice alone; same parameter count). The increment of
-q, k and v is one fused ``attn.qkv`` increment with one dropout mask over its
-``3r`` core outputs (the reference draws one per q, k, v: same distribution).
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew U and V (trunc-normal std 0.02, zero bias), so V was not zero; C and P keep their init; here they start at the intended init (cell init='reference' reproduces it)
+* q, k and v share one dropout draw over the fused qkv core output (reference: one draw each; same distribution)
+* option layout='per_slice' (our earlier layout: one slice per d x d chunk of fc1/fc2) is not the authors' function; the default 'authors' is
 """
 
 from __future__ import annotations
@@ -53,4 +53,10 @@ def merge(model: nn.Module) -> nn.Module:
     return merge_fact(model)
 
 
-METHOD = register_method("fact_tk", FacTTKHP, apply, merge)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew U and V (trunc-normal std 0.02, zero bias), so V was not zero; C and P keep their init; here they start at the intended init (cell init='reference' reproduces it)",
+    'q, k and v share one dropout draw over the fused qkv core output (reference: one draw each; same distribution)',
+    "option layout='per_slice' (our earlier layout: one slice per d x d chunk of fc1/fc2) is not the authors' function; the default 'authors' is",
+)
+
+METHOD = register_method("fact_tk", FacTTKHP, apply, merge, deviations=DEVIATIONS)

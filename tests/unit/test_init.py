@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from peft_core.errors import InputError
 from peft_core.init import REFERENCE_REDRAWS, reference_init
-from peft_core.methods import list_methods
+from peft_core.methods import get_method, list_methods
 from peft_core.methods._common import classifier, head_param_ids
 
 from ..methods import checks as c
@@ -135,3 +137,25 @@ def test_missing_modules_and_unknown_methods_raise():
         reference_init(peft, "lora")
     with pytest.raises(InputError, match="unknown method"):
         reference_init(peft, "nope")
+
+
+DEVIATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "deviations.md"
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_deviations_are_registered_and_documented(name):
+    method = get_method(name)
+    assert isinstance(method.deviations, tuple)
+    assert all(isinstance(d, str) and d.strip() and "\n" not in d for d in method.deviations)
+    if method.deviations:
+        text = DEVIATIONS_DOC.read_text()
+        rows = [line for line in text.splitlines() if line.startswith("| ")]
+        assert any(re.search(rf"(^\| |, ){re.escape(name)}(,| \|)", row) for row in rows), name
+        doc = method.source.read_text().split('"""')[1]
+        assert all(d in " ".join(doc.split()) for d in method.deviations), name
+
+
+def test_methods_reference_init_changes_have_a_deviation():
+    # every method whose tensors reference_init redraws says so in its deviations
+    for name in REFERENCE_REDRAWS:
+        assert any("init='reference'" in d for d in get_method(name).deviations), name
