@@ -33,6 +33,8 @@ class Method:
     merge: Callable[["nn.Module"], "nn.Module"] | None
     source: Path
     summary: str
+    #: one-line statements of how this method differs from the reference codebase
+    deviations: tuple[str, ...] = ()
 
     @property
     def mergeable(self) -> bool:
@@ -73,10 +75,19 @@ def register_method(
     hparams: type[HParams],
     apply: Callable,
     merge: Callable | None = None,
+    deviations: tuple[str, ...] = (),
 ) -> Method:
-    """Register a method; called once at the bottom of each method module."""
+    """Register a method; called once at the bottom of each method module.
+
+    ``deviations``: short one-line statements of how the method differs from
+    the reference codebase (also in the module docstring and docs/deviations.md).
+    """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
+    deviations = tuple(deviations)
+    bad = [d for d in deviations if not isinstance(d, str) or not d.strip() or "\n" in d]
+    if bad:
+        raise ValueError(f"method {name!r}: deviations must be non-empty one-line strings, got {bad!r}")
     module = __import__(apply.__module__, fromlist=["__file__"])
     doc = (module.__doc__ or "").strip().splitlines()
     method = Method(
@@ -86,6 +97,7 @@ def register_method(
         merge=merge,
         source=Path(module.__file__).resolve(),
         summary=doc[0] if doc else "",
+        deviations=deviations,
     )
     _METHODS[name] = method
     return method

@@ -10,6 +10,12 @@ variants (its ``zero_adapter``, ``rand_p_adapter``, ``lora_p_adapter``).
 Not mergeable: the ReLU between the down- and up-projection makes the update
 a nonlinear function of the features, so it can not be folded into the
 frozen linear weights.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero and all inits started alike; here they start at the intended init (cell init='reference' reproduces it)
+* init='zero': up-projection zero, down Kaiming-uniform (the reference's code zeroes down.weight and up.bias, leaving up.weight random)
+* the block's layer-scale and drop-path act once on sub-layer + adapter (reference: a second time around the adapter, with a second drop-path mask)
 """
 
 from __future__ import annotations
@@ -40,4 +46,10 @@ def apply(model: nn.Module, hp: AdapterHP) -> nn.Module:
     return add_sequential_adapters(model, hp, ("mlp",))
 
 
-METHOD = register_method("adapter", AdapterHP, apply, merge=None)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero and all inits started alike; here they start at the intended init (cell init='reference' reproduces it)",
+    "init='zero': up-projection zero, down Kaiming-uniform (the reference's code zeroes down.weight and up.bias, leaving up.weight random)",
+    "the block's layer-scale and drop-path act once on sub-layer + adapter (reference: a second time around the adapter, with a second drop-path mask)",
+)
+
+METHOD = register_method("adapter", AdapterHP, apply, merge=None, deviations=DEVIATIONS)

@@ -13,6 +13,11 @@ parameters.
 Not mergeable: the ReLU between the down- and up-projection makes the update
 a nonlinear function of the features, so it can not be folded into the
 frozen linear weights.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero; here they start at the intended init (cell init='reference' reproduces it)
+* one drop-path mask for the MLP and its parallel adapter (reference: a separate mask for each branch)
 """
 
 from __future__ import annotations
@@ -54,4 +59,9 @@ def apply(model: nn.Module, hp: AdaptFormerHP) -> nn.Module:
     return model
 
 
-METHOD = register_method("adaptformer", AdaptFormerHP, apply, merge=None)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero; here they start at the intended init (cell init='reference' reproduces it)",
+    'one drop-path mask for the MLP and its parallel adapter (reference: a separate mask for each branch)',
+)
+
+METHOD = register_method("adaptformer", AdaptFormerHP, apply, merge=None, deviations=DEVIATIONS)

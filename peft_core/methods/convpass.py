@@ -15,6 +15,11 @@ trains ``24 * (768 b + b + 9 b^2 + b + 768 b + 768)`` parameters.
 Not mergeable: the QuickGELU nonlinearities around the convolution make the
 bypass a nonlinear function of the tokens, so it can not be folded into the
 frozen linear weights.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero; the 3x3 conv keeps its init; here they start at the intended init (cell init='reference' reproduces it)
+* one drop-path mask for the sub-layer and its parallel bypass (reference: a separate mask for each branch)
 """
 
 from __future__ import annotations
@@ -124,4 +129,9 @@ def apply(model: nn.Module, hp: ConvpassHP) -> nn.Module:
     return model
 
 
-METHOD = register_method("convpass", ConvpassHP, apply, merge=None)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew the down/up projections (trunc-normal std 0.02, zero bias), so the up-projection was not zero; the 3x3 conv keeps its init; here they start at the intended init (cell init='reference' reproduces it)",
+    'one drop-path mask for the sub-layer and its parallel bypass (reference: a separate mask for each branch)',
+)
+
+METHOD = register_method("convpass", ConvpassHP, apply, merge=None, deviations=DEVIATIONS)

@@ -6,6 +6,11 @@ and a free per-layer core ``M_l`` (q, k, v, proj: r x r each; fc1: 4r x r;
 fc2: r x 4r, acting slice-wise on the 4 d-wide chunks). On ViT-B/16 that is
 ``2 * 768 r + 12 * 12 r^2 = 1536 r + 144 r^2`` parameters. ``V`` starts at zero
 (identity at init). Mergeable: each ``dW`` is folded into its timm linear.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew U, V and every core (trunc-normal std 0.02, zero bias), so V was not zero; here they start at the intended init (cell init='reference' reproduces it)
+* q, k and v share one dropout draw over the fused qkv core output (reference: one draw each; same distribution)
 """
 
 from __future__ import annotations
@@ -28,4 +33,9 @@ def merge(model: nn.Module) -> nn.Module:
     return merge_fact(model)
 
 
-METHOD = register_method("fact_tt", FacTTTHP, apply, merge)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew U, V and every core (trunc-normal std 0.02, zero bias), so V was not zero; here they start at the intended init (cell init='reference' reproduces it)",
+    'q, k and v share one dropout draw over the fused qkv core output (reference: one draw each; same distribution)',
+)
+
+METHOD = register_method("fact_tt", FacTTTHP, apply, merge, deviations=DEVIATIONS)

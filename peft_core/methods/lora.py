@@ -6,6 +6,10 @@ study does), so q/k/v on ViT-B/16 cost ``12 * (768 r + 3 * 768 r) = 36,864 r``
 parameters; ``o`` is ``attn.proj``, ``fc1``/``fc2`` the MLP linears.
 ``B`` starts at zero, so the model is unchanged at initialisation.
 Mergeable: ``W[rows] += s * B A``, leaving a plain timm model.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* as run, the reference's late timm init_weights redrew A and B (trunc-normal std 0.02, zero bias), so B was not zero; here they start at the intended init (cell init='reference' reproduces it)
 """
 
 from __future__ import annotations
@@ -110,4 +114,8 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = register_method("lora", LoRAHP, apply, merge)
+DEVIATIONS = (
+    "as run, the reference's late timm init_weights redrew A and B (trunc-normal std 0.02, zero bias), so B was not zero; here they start at the intended init (cell init='reference' reproduces it)",
+)
+
+METHOD = register_method("lora", LoRAHP, apply, merge, deviations=DEVIATIONS)

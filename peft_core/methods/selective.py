@@ -16,6 +16,10 @@ The reference study's ``--block_index`` / ``--attention_index`` /
 ``blocks`` x ``modules`` (one index list for all chosen types). Unlike the
 reference, block 1 is only block 1 (its substring match also unfroze
 blocks 10 and 11). Mergeable trivially: only native timm tensors change.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* block i selects block i only (the reference's substring match on '1' also unfreezes blocks 10 and 11)
 """
 
 from __future__ import annotations
@@ -108,4 +112,8 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = register_method("selective", SelectiveHP, apply, merge)
+DEVIATIONS = (
+    "block i selects block i only (the reference's substring match on '1' also unfreezes blocks 10 and 11)",
+)
+
+METHOD = register_method("selective", SelectiveHP, apply, merge, deviations=DEVIATIONS)

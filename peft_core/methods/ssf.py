@@ -17,6 +17,10 @@ random init, scale ~ N(1, init_std), shift ~ N(0, init_std).
 Mergeable: ``(W x + b) * s + t`` folds into ``W' = diag(s) W``,
 ``b' = s b + t`` of the preceding linear / conv / LayerNorm. A patch conv
 without a bias (CLIP) takes its shift into the patch rows of ``pos_embed``.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* default init='identity' (scale 1, shift 0; model unchanged at init); the reference draws scale ~ N(1, 0.02), shift ~ N(0, 0.02): init='normal' reproduces it
 """
 
 from __future__ import annotations
@@ -144,4 +148,8 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = register_method("ssf", SSFHP, apply, merge)
+DEVIATIONS = (
+    "default init='identity' (scale 1, shift 0; model unchanged at init); the reference draws scale ~ N(1, 0.02), shift ~ N(0, 0.02): init='normal' reproduces it",
+)
+
+METHOD = register_method("ssf", SSFHP, apply, merge, deviations=DEVIATIONS)

@@ -13,6 +13,10 @@ the prompts here stay in the sequence up to the last block (VPT's definition).
 
 Not mergeable: extra tokens change every block's attention, which no weight
 edit of the plain backbone reproduces.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* the prompts travel through every block (reference drops them after block 0)
 """
 
 from __future__ import annotations
@@ -45,4 +49,8 @@ def apply(model: nn.Module, hp: VPTShallowHP) -> nn.Module:
     return model
 
 
-METHOD = register_method("vpt_shallow", VPTShallowHP, apply, merge=None)
+DEVIATIONS = (
+    'the prompts travel through every block (reference drops them after block 0)',
+)
+
+METHOD = register_method("vpt_shallow", VPTShallowHP, apply, merge=None, deviations=DEVIATIONS)

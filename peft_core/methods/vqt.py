@@ -37,6 +37,12 @@ without them.
 
 Not mergeable: the head reads extra tokens that no weight edit of the plain
 backbone produces.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* the query outputs themselves are collected, so the queries learn (reference collects ordinary tokens: the queries get zero gradient)
+* F.normalize over the feature dimension (reference: dim=1, across tokens, reducing the final feature to its sign)
+* as run, the reference's late timm init_weights redrew the combine weights (trunc-normal std 0.02, zero bias) where its code sets ones; here they start at the intended init (cell init='reference' reproduces it)
 """
 
 from __future__ import annotations
@@ -171,4 +177,10 @@ def apply(model: nn.Module, hp: VQTHP) -> nn.Module:
     return model
 
 
-METHOD = register_method("vqt", VQTHP, apply, merge=None)
+DEVIATIONS = (
+    'the query outputs themselves are collected, so the queries learn (reference collects ordinary tokens: the queries get zero gradient)',
+    'F.normalize over the feature dimension (reference: dim=1, across tokens, reducing the final feature to its sign)',
+    "as run, the reference's late timm init_weights redrew the combine weights (trunc-normal std 0.02, zero bias) where its code sets ones; here they start at the intended init (cell init='reference' reproduces it)",
+)
+
+METHOD = register_method("vqt", VQTHP, apply, merge=None, deviations=DEVIATIONS)

@@ -10,6 +10,7 @@ import timm
 import torch
 import yaml
 from pydantic import ValidationError
+from torch import nn
 
 from peft_core.config import expand_grid, grid_model
 from peft_core.methods import get_method
@@ -48,6 +49,7 @@ def vit_b16():
         ("fact_tk", {"rank": 16}, 30_976),
         ("fact_tk", {"rank": 32}, 86_528),
         ("fact_tk", {"rank": 64}, 369_664),
+        ("fact_tk", {"rank": 16, "layout": "per_slice"}, 30_976),
         ("repadapter", {"bottleneck": 8}, 239_808),
         ("repadapter", {"bottleneck": 16}, 461_184),
         ("repadapter", {"bottleneck": 32}, 903_936),
@@ -187,35 +189,86 @@ def test_fact_tt_matches_the_reference_slice_layout():
         assert torch.allclose(blk.mlp.fc2(h) - blk.mlp.fc2.base(h), ref, atol=1e-6)
 
 
-def test_fact_tk_slices_are_tucker_slices():
-    # slice m of the increment tensor is s * V (C x_3 P[:, m]) U, P's columns laid out per
-    # block as q, k, v, proj, fc1 x4, fc2 x4 (the reference's layout)
-    model = c.apply(c.tiny_model("vit"), "fact_tk", rank=3, scale=0.5)
-    c.randomize_new_params(model, c.tiny_model("vit"))
-    f, d = model.fact, 64
+def _authors_tk_increments(U, V, C, P, s, blk, x, h):
+    """The FacT authors' TK forward (their ``FacT.forward``), re-derived with plain torch ops.
+
+    ``U`` = FacTu.weight (r x d), ``V`` = FacTv.weight (d x r), ``C`` = FacTc (r x r x r),
+    ``P`` = FacTp (r x 12 L); ``x`` (n x d) feeds qkv / proj / fc1, ``h`` (n x 4d) feeds fc2.
+    Returns the increments of qkv, proj, fc1 and fc2 (eval mode: no dropout).
+    """
+    n, d = x.shape
+    r = U.shape[0]
+    start = 12 * blk
+    attn = torch.einsum("ijk,km->ijm", C, P[:, start : start + 4])  # FacTc @ FacTp[:, s:s+4]
+    ux = x @ U.T
+    qkv = torch.cat([ux @ attn[:, :, m] @ V.T for m in range(3)], dim=-1) * s
+    proj = ux @ attn[:, :, 3] @ V.T * s
+    mlp = torch.einsum("ijk,km->ijm", C, P[:, start + 4 : start + 12])
+    fc1_core = mlp[:, :, :4].reshape(r, 4 * r)
+    fc2_core = mlp[:, :, 4:].reshape(r, 4 * r)
+    fc1 = ((ux @ fc1_core).reshape(n, 4, r) @ V.T).reshape(n, 4 * d) * s
+    fc2 = ((h.reshape(n, 4, d) @ U.T).reshape(n, 4 * r) @ fc2_core.T) @ V.T * s
+    return qkv, proj, fc1, fc2
+
+
+def _random_tk(layout: str) -> nn.Module:
+    model = c.apply(c.tiny_model("vit"), "fact_tk", rank=3, scale=0.5, layout=layout).eval()
+    c.randomize_new_params(model, c.tiny_model("vit"))  # V, C, P all random and non-zero
+    assert model.fact.v.abs().min() > 0
+    return model
+
+
+def _increments(model, blk, x, h):
+    b = model.blocks[blk]
+    return tuple(
+        lin(inp) - lin.base(inp)
+        for lin, inp in ((b.attn.qkv, x), (b.attn.proj, x), (b.mlp.fc1, x), (b.mlp.fc2, h))
+    )
+
+
+def test_fact_tk_is_the_authors_function():
+    model = _random_tk("authors")
+    f = model.fact
+    g = torch.Generator().manual_seed(5)
+    x, h = torch.randn(7, 64, generator=g), torch.randn(7, 256, generator=g)
+    with torch.no_grad():
+        for blk in range(len(model.blocks)):
+            ref = _authors_tk_increments(f.u, f.v, f.c, f.p, 0.5, blk, x, h)
+            for name, ours, want in zip(("qkv", "proj", "fc1", "fc2"), _increments(model, blk, x, h), ref):
+                assert want.abs().max() > 1e-3, name  # not vacuous
+                assert torch.allclose(ours, want, atol=1e-6), (blk, name)
+
+
+def test_fact_tk_authors_layout_merges_exactly():
+    model = _random_tk("authors")
+    x = c.image_batch(model)
+    with torch.no_grad():
+        before = model(x)
+        merged = get_method("fact_tk").merge(model)
+        assert not hasattr(merged, "fact")
+        assert (merged(x) - before).abs().max().item() <= 1e-5
+
+
+def test_fact_tk_per_slice_variant_is_a_different_function():
+    # the named variant: each d x d chunk j of fc1 / fc2 uses slice 4 + j (8 + j) alone
+    authors, per_slice = _random_tk("authors"), _random_tk("per_slice")
+    assert torch.equal(authors.fact.p, per_slice.fact.p)
+    f, d = per_slice.fact, 64
+    g = torch.Generator().manual_seed(5)
+    x, h = torch.randn(7, 64, generator=g), torch.randn(7, 256, generator=g)
     with torch.no_grad():
 
-        def slice_(m):
-            return 0.5 * f.v @ torch.einsum("pqk,k->pq", f.c, f.p[:, m]) @ f.u
+        def slice_(m):  # V S_m U: the per-slice layout's d x d chunk for slice m
+            return 0.5 * f.v @ torch.einsum("ijk,k->ij", f.c, f.p[:, m]) @ f.u
 
         blk = 2
-        qkv = f.delta_weight(4 * blk)
         fc1 = f.delta_weight(4 * blk + 2)
         fc2 = f.delta_weight(4 * blk + 3)
-        for j in range(3):
-            assert torch.allclose(
-                qkv[j * d : (j + 1) * d], slice_(12 * blk + j), atol=1e-6
-            )
-        assert torch.allclose(
-            f.delta_weight(4 * blk + 1), slice_(12 * blk + 3), atol=1e-6
-        )
         for j in range(4):
-            assert torch.allclose(
-                fc1[j * d : (j + 1) * d], slice_(12 * blk + 4 + j), atol=1e-6
-            )
-            assert torch.allclose(
-                fc2[:, j * d : (j + 1) * d], slice_(12 * blk + 8 + j), atol=1e-6
-            )
+            assert torch.allclose(fc1[j * d : (j + 1) * d], slice_(12 * blk + 4 + j), atol=1e-6)
+            assert torch.allclose(fc2[:, j * d : (j + 1) * d], slice_(12 * blk + 8 + j), atol=1e-6)
+        ours, theirs = _increments(per_slice, blk, x, h), _increments(authors, blk, x, h)
+        assert (ours[2] - theirs[2]).abs().max() > 1e-3 and (ours[3] - theirs[3]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -226,6 +279,7 @@ def test_fact_tk_slices_are_tucker_slices():
         ("fact_tt", {"dropout": 1.0}, "dropout"),
         ("fact_tk", {"rank": -1}, "rank"),
         ("fact_tk", {"fact_dim": 8}, "fact_dim"),
+        ("fact_tk", {"layout": "reference"}, "layout"),
         ("repadapter", {"bottleneck": 0}, "bottleneck"),
         ("repadapter", {"scale": -1.0}, "scale"),
         ("repadapter", {"groups": 0}, "groups"),
