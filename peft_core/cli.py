@@ -509,7 +509,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("wise", help="WiSE-FT: accuracy along the pre-trained -> fine-tuned weight path")
     s.add_argument("--cell", required=True, help="a finished cell of a mergeable method")
-    s.add_argument("--eval", nargs="+", required=True, help="NAME=cache.pt, e.g. id=test.pt shifted=test_ood.pt")
+    s.add_argument("--eval", nargs="+", required=True, help="NAME=cache, e.g. id=test.safetensors shifted=test_ood.safetensors")
     s.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     s.add_argument("--checkpoint", default=None, help="pre-trained backbone (default: the cell's)")
     s.add_argument("--out", required=True, help="output .parquet")
@@ -559,7 +559,7 @@ def cmd_wise(a) -> int:
 
     bad = [item for item in a.eval if "=" not in item]
     if bad:
-        raise InputError(f"--eval {bad[0]!r}: expected NAME=path/to/cache.pt")
+        raise InputError(f"--eval {bad[0]!r}: expected NAME=path/to/cache.safetensors")
     splits = dict(item.split("=", 1) for item in a.eval)
     rows = wise_curve(a.cell, splits, a.alphas, a.checkpoint)
     write_parquet(a.out, pd.DataFrame(rows))

@@ -12,9 +12,10 @@ Layouts of the data-set directory ``<root>/<dataset>`` (``layout`` argument):
 
 :func:`build_cache` decodes and resizes (bicubic by default, as the reference
 protocol) every image once into ``uint8[N, 3, S, S]`` plus ``int64`` labels,
-a ``torch.save`` dict that :func:`load_split` reads; training jobs load that
-file and slice batches on the device. It streams: one decoded image in memory
-at a time. A missing or corrupt image fails here, with its path, never
+a safetensors file that :func:`load_split` reads (it also reads small
+``torch.save`` dicts, as tests write them); training jobs load that file and
+slice batches on the device. It streams: one decoded image in memory at a
+time. A missing or corrupt image fails here, with its path, never
 mid-training, and leaves no cache behind. Beside the cache, ``<cache>.sha256``
 holds its content fingerprint (:func:`cache_fingerprint`). Split hygiene
 (``disjoint_from``) refuses a split that shares an image with another.
@@ -24,9 +25,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import struct
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,13 +177,15 @@ def build_cache(
     content (see :func:`peft_core.hygiene.shared_images`).
 
     Images are decoded one at a time and written straight into the final file
-    format (a ``torch.save`` archive whose storage space is reserved first), so
-    memory stays flat in the number of images; the fingerprint is computed in
+    (a safetensors file whose header is written first), so memory stays flat
+    in the number of images; the fingerprint is computed in
     the same pass. The cache is written to a temporary name and renamed, then
     the sidecar: a failed run leaves neither, a killed one no file under the
     final name.
     """
     base = Path(root) / dataset
+    if Path(out).suffix != ".safetensors":
+        raise InputError(f"{out}: a data cache is a .safetensors file (name it <split>.safetensors)")
     _resample(interpolation)
     source, entries = split_entries(base, split, num_classes, layout)
     for path, label in entries:
@@ -224,95 +226,56 @@ def _content_hash(n: int, size: int):
 
 
 def _stream_cache(tmp: Path, entries: list[tuple[Path, int]], size: int, interpolation: str) -> str:
-    """Write the cache archive into ``tmp`` image by image; returns the content fingerprint."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """Write the cache into ``tmp`` image by image as a safetensors file; returns the content fingerprint.
 
+    The safetensors format is a little-endian u64 header length, a JSON header
+    (dtype, shape and byte range of each tensor) and the raw tensor bytes; the
+    header is known before any image is decoded, so every image is written
+    where it belongs as soon as it is decoded, and nothing larger than one
+    image is held in memory.
+    """
     n = len(entries)
-    labels = np.array([label for _, label in entries], dtype=np.int64)
-    with FakeTensorMode():  # a tensor with a shape and no memory
-        images = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    with torch.serialization.skip_data(materialize_fake_tensors=True):  # reserves the storages' space
-        torch.save({"images": images, "labels": torch.from_numpy(labels)}, tmp)
-    records = _storage_records(tmp, {"images": n * 3 * size * size, "labels": labels.nbytes})
+    labels = np.array([label for _, label in entries], dtype="<i8")
+    n_img = n * 3 * size * size
+    header = {
+        "images": {"dtype": "U8", "shape": [n, 3, size, size], "data_offsets": [0, n_img]},
+        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [n_img, n_img + labels.nbytes]},
+        "__metadata__": {"format": "peft-core cache v1", "interpolation": interpolation},
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     h = _content_hash(n, size)
-    crc = {}
-    with open(tmp, "r+b") as f:
-        f.seek(records["images"].data_offset)
-        c = 0
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
         for path, _ in entries:
-            buf = decode_image(path, size, interpolation).data
+            buf = decode_image(path, size, interpolation).tobytes()
             f.write(buf)
             h.update(buf)
-            c = zlib.crc32(buf, c)
-        crc["images"] = c
-        f.seek(records["labels"].data_offset)
-        f.write(labels.tobytes())  # native order, as torch.save records in the archive's byteorder
-        h.update(labels.astype("<i8").tobytes())
-        crc["labels"] = zlib.crc32(labels.tobytes())
-        _set_crcs(f, {records[k].name: v for k, v in crc.items()})
+        f.write(labels.tobytes())
+        h.update(labels.tobytes())
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Record:
-    name: str  # name inside the zip archive
-    data_offset: int
+def _read_cache(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A cache's tensors: a safetensors file (what :func:`build_cache` writes) or a
+    ``torch.save`` dict (small test caches); memory-mapped where asked."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-
-def _storage_records(path: Path, nbytes: dict[str, int]) -> dict[str, _Record]:
-    """Which ``<archive>/data/<key>`` record holds which tensor, told apart by byte size (3*S*S != 8)."""
-    with zipfile.ZipFile(path) as z:
-        infos = [i for i in z.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
-    reader = torch._C.PyTorchFileReader(str(path))
-    found = {}
-    for key, want in nbytes.items():
-        match = [i for i in infos if i.file_size == want]
-        if len(match) != 1 or match[0].compress_type != zipfile.ZIP_STORED:
-            raise RuntimeError(f"{path}: unexpected torch.save archive layout ({len(match)} records for {key})")
-        name = match[0].filename
-        found[key] = _Record(name, reader.get_record_offset(name.split("/", 1)[1]))
-    return found
-
-
-def _set_crcs(f, crcs: dict[str, int]) -> None:
-    """Write CRC-32s of records filled in after ``torch.save`` into the archive's data descriptors and
-    central directory, so the cache is a valid zip (torch itself does not check them)."""
-    f.flush()
-    f.seek(0)
-    with zipfile.ZipFile(f) as z:
-        infos, start_dir = z.infolist(), z.start_dir
-    pos = start_dir
-    for info in infos:  # central directory entries, in infolist order
-        f.seek(pos)
-        head = f.read(46)
-        if head[:4] != b"PK\x01\x02":
-            raise RuntimeError(f"zip central directory entry {info.filename}: bad signature")
-        n_name, n_extra, n_comment = struct.unpack("<HHH", head[28:34])
-        if info.filename in crcs:
-            crc = struct.pack("<I", crcs[info.filename])
-            f.seek(pos + 16)
-            f.write(crc)
-            if info.flag_bits & 0x08:  # a data descriptor follows the data
-                f.seek(info.header_offset + 26)
-                n_local_name, n_local_extra = struct.unpack("<HH", f.read(4))
-                desc = info.header_offset + 30 + n_local_name + n_local_extra + info.compress_size
-                f.seek(desc)
-                sig = f.read(4)
-                f.seek(desc + 4 if sig == b"PK\x07\x08" else desc)
-                f.write(crc)
-            else:
-                f.seek(info.header_offset + 14)
-                f.write(crc)
-        pos += 46 + n_name + n_extra + n_comment
+        try:
+            return load_file(path)  # memory-mapped until copied
+        except (SafetensorError, OSError, ValueError) as err:
+            raise InputError(f"{path}: not a readable data cache ({err})") from None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def cache_fingerprint(path: str | Path) -> str:
     """The content fingerprint of a cache (hex sha256 of its shapes, dtypes, image and label bytes).
 
     Read from the ``<path>.sha256`` sidecar when it exists and is not older than
-    the cache; otherwise computed from the cache (chunk by chunk, memory-mapped)
-    and the sidecar written. Equal content gives equal fingerprints whatever
-    wrote the file, caches from before streaming included.
+    the cache; otherwise computed from the cache chunk by chunk and the sidecar
+    written. Equal content gives equal fingerprints whatever wrote the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -322,7 +285,7 @@ def cache_fingerprint(path: str | Path) -> str:
         text = sidecar.read_text().strip()
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             return text
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    obj = _read_cache(path, mmap=True)
     images, labels = obj["images"], obj["labels"]
     n, size = labels.shape[0], images.shape[-1]
     if images.dtype != torch.uint8 or labels.dtype != torch.int64 or tuple(images.shape) != (n, 3, size, size):
@@ -340,7 +303,7 @@ def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data cache not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _read_cache(path)
     return Split(obj["images"].to(device), obj["labels"].to(device))
 
 

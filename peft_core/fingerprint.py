@@ -6,10 +6,14 @@ checkpoint at the same path cannot leave old numbers in the reports, every cell
 records the sha256 of each input it read (``metrics.json`` ``inputs``), and a
 finished cell is reused only when all of them match (peft_core/packs.py).
 
-Hashing a multi-GB file on every job would cost more than some cells, so a
-digest is memoised in a small JSON file keyed by the file's resolved path,
-size and modification time (ns): a ``touch`` rehashes once and finds the same
-digest; a different file at the same path has a new mtime and is rehashed.
+A data cache is fingerprinted by its *content* (shapes, dtypes, image and
+label bytes: peft_core/data.cache_fingerprint, stored beside the cache when it
+is built), so a rebuilt cache with the same pixels and labels keeps its
+fingerprint. A checkpoint is fingerprinted by its bytes; hashing a multi-GB
+file on every job would cost more than some cells, so that digest is memoised
+in a small JSON file keyed by the file's resolved path, size and modification
+time (ns): a ``touch`` rehashes once and finds the same digest; a different
+file at the same path has a new mtime and is rehashed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from .data import cache_fingerprint
 from .errors import InputError
 from .results import write_json
 
@@ -69,10 +74,11 @@ def cell_inputs(
     checkpoint: str | Path | None,
     memo_dir: str | Path | None = None,
 ) -> dict[str, dict[str, str | None]]:
-    """The ``inputs`` record of a cell: split name / path -> sha256 of each file it reads."""
+    """The ``inputs`` record of a cell: the content fingerprint of each data cache it
+    reads and the sha256 of its checkpoint (``memo_dir``: where checkpoint digests are memoised)."""
     return {
-        "train": {"split": train_split, "sha256": fingerprint(train_data, memo_dir)},
-        "eval": {"split": eval_split, "sha256": fingerprint(eval_data, memo_dir)},
+        "train": {"split": train_split, "sha256": cache_fingerprint(train_data)},
+        "eval": {"split": eval_split, "sha256": cache_fingerprint(eval_data)},
         "checkpoint": {
             "path": os.fspath(checkpoint) if checkpoint is not None else None,
             "sha256": fingerprint(checkpoint, memo_dir) if checkpoint is not None else None,

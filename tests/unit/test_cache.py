@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from peft_core.cli import main
-from peft_core.data import build_cache, cache_fingerprint, fingerprint_path, load_split
+from peft_core.data import build_cache, cache_fingerprint, decode_image, fingerprint_path, load_split
 from peft_core.errors import InputError
 from peft_core.hygiene import shared_images
 
@@ -32,7 +31,7 @@ def vtab_split(base: Path, split: str, names: list[str], labels: list[int] | Non
     (base / f"{split}.txt").write_text("".join(f"{n} {y}\n" for n, y in zip(names, labels)))
 
 
-def cache_argv(tmp_path: Path, split: str, *extra: str, out: str = "c.pt", layout: str = "vtab") -> list[str]:
+def cache_argv(tmp_path: Path, split: str, *extra: str, out: str = "c.safetensors", layout: str = "vtab") -> list[str]:
     return ["cache", "--root", str(tmp_path), "--dataset", "ds", "--split", split, "--size", "8",
             "--num-classes", "2", "--out", str(tmp_path / out), "--layout", layout, *extra]  # fmt: skip
 
@@ -54,15 +53,15 @@ def test_bicubic_matches_the_reference_transform_exactly(tmp_path):
     expected = torch.stack(
         [(ref(Image.open(base / n).convert("RGB")) * 255).round().byte() for n in names]
     )
-    build_cache(tmp_path, "ds", "test", size, 1, tmp_path / "bicubic.pt")
-    assert torch.equal(load_split(tmp_path / "bicubic.pt").images, expected)
-    build_cache(tmp_path, "ds", "test", size, 1, tmp_path / "bilinear.pt", interpolation="bilinear")
-    assert not torch.equal(load_split(tmp_path / "bilinear.pt").images, expected)
+    build_cache(tmp_path, "ds", "test", size, 1, tmp_path / "bicubic.safetensors")
+    assert torch.equal(load_split(tmp_path / "bicubic.safetensors").images, expected)
+    build_cache(tmp_path, "ds", "test", size, 1, tmp_path / "bilinear.safetensors", interpolation="bilinear")
+    assert not torch.equal(load_split(tmp_path / "bilinear.safetensors").images, expected)
 
 
 def test_unknown_interpolation(tmp_path):
     with pytest.raises(InputError, match="interpolation: 'cubic' is not one of bicubic, bilinear"):
-        build_cache(tmp_path, "ds", "test", 8, 2, tmp_path / "c.pt", interpolation="cubic")
+        build_cache(tmp_path, "ds", "test", 8, 2, tmp_path / "c.safetensors", interpolation="cubic")
     with pytest.raises(SystemExit):
         main(cache_argv(tmp_path, "test", "--interpolation", "cubic"))
 
@@ -79,9 +78,9 @@ RSS_SCRIPT = textwrap.dedent(
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 
     root, n, size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    build_cache(root, "ds", "warm", size, 2, root / "warm.pt")  # imports and PIL buffers
+    build_cache(root, "ds", "warm", size, 2, root / "warm.safetensors")  # imports and PIL buffers
     before = peak_kib()
-    assert build_cache(root, "ds", "big", size, 2, root / "big.pt").count == n
+    assert build_cache(root, "ds", "big", size, 2, root / "big.safetensors").count == n
     print(peak_kib() - before)
     """
 )
@@ -102,20 +101,31 @@ def test_peak_memory_does_not_grow_with_the_split(tmp_path):
     growth_mib = int(proc.stdout.split()[-1]) / 1024
     full_mib = n * 3 * size * size / 2**20
     assert growth_mib < full_mib / 5, f"peak RSS grew by {growth_mib:.1f} MiB for a {full_mib:.0f} MiB split"
-    data = torch.load(tmp_path / "big.pt", weights_only=True, mmap=True)
-    assert data["images"].shape == (n, 3, size, size) and data["labels"][:4].tolist() == [0, 1, 0, 1]
+    data = load_split(tmp_path / "big.safetensors")
+    assert data.images.shape == (n, 3, size, size) and data.labels[:4].tolist() == [0, 1, 0, 1]
 
 
-def test_the_cache_is_a_valid_zip_and_loads_memory_mapped(tmp_path):
+def test_the_cache_is_a_standard_safetensors_file(tmp_path):
+    from safetensors import safe_open
+
     base = tmp_path / "ds"
     names = [noise_png(base / f"{i}.png", i).name for i in range(5)]
     vtab_split(base, "test", names, [0, 1, 1, 0, 1])
-    build_cache(tmp_path, "ds", "test", 8, 2, tmp_path / "c.pt")
-    with zipfile.ZipFile(tmp_path / "c.pt") as z:
-        assert z.testzip() is None  # the CRCs of the records filled in after torch.save are right
-    data = load_split(tmp_path / "c.pt")
-    mapped = torch.load(tmp_path / "c.pt", weights_only=True, mmap=True)
-    assert torch.equal(mapped["images"], data.images) and data.labels.tolist() == [0, 1, 1, 0, 1]
+    build_cache(tmp_path, "ds", "test", 8, 2, tmp_path / "c.safetensors", interpolation="bilinear")
+    data = load_split(tmp_path / "c.safetensors")
+    with safe_open(tmp_path / "c.safetensors", framework="pt") as f:  # the library's own reader
+        assert f.metadata() == {"format": "peft-core cache v1", "interpolation": "bilinear"}
+        assert torch.equal(f.get_tensor("images"), data.images)
+        assert f.get_tensor("labels").tolist() == [0, 1, 1, 0, 1]
+    expected = torch.stack([torch.from_numpy(decode_image(base / n, 8, "bilinear")) for n in names])
+    assert torch.equal(data.images, expected)
+
+
+def test_a_cache_must_be_named_safetensors(tmp_path):
+    base = tmp_path / "ds"
+    vtab_split(base, "test", [noise_png(base / "0.png", 0).name])
+    with pytest.raises(InputError, match=r"c\.pt: a data cache is a \.safetensors file"):
+        build_cache(tmp_path, "ds", "test", 8, 2, tmp_path / "c.pt")
 
 
 def test_a_corrupt_image_mid_split_leaves_no_file(tmp_path, capsys):
@@ -138,11 +148,11 @@ def test_cli_writes_the_fingerprint_after_the_cache(tmp_path, capsys):
     base = tmp_path / "ds"
     vtab_split(base, "test", [noise_png(base / f"{i}.png", i).name for i in range(3)])
     assert main(cache_argv(tmp_path, "test")) == 0
-    sidecar = fingerprint_path(tmp_path / "c.pt")
-    assert sidecar == tmp_path / "c.pt.sha256"
+    sidecar = fingerprint_path(tmp_path / "c.safetensors")
+    assert sidecar == tmp_path / "c.safetensors.sha256"
     text = sidecar.read_text()
     assert len(text) == 65 and text.endswith("\n") and int(text, 16) >= 0
-    assert sidecar.stat().st_mtime_ns >= (tmp_path / "c.pt").stat().st_mtime_ns
+    assert sidecar.stat().st_mtime_ns >= (tmp_path / "c.safetensors").stat().st_mtime_ns
     assert text.strip() in capsys.readouterr().out
 
 
@@ -152,15 +162,15 @@ def test_fingerprint_is_of_the_content(tmp_path):
     vtab_split(base, "a", names, [0, 1, 0, 1])
     shutil.copytree(base, tmp_path / "copy")  # the same images under other paths
     vtab_split(base, "b", names, [0, 1, 1, 1])  # one label changed
-    one = build_cache(tmp_path, "ds", "a", 8, 2, tmp_path / "one.pt").sha256
-    two = build_cache(tmp_path, "copy", "a", 8, 2, tmp_path / "two.pt").sha256
-    other = build_cache(tmp_path, "ds", "b", 8, 2, tmp_path / "other.pt").sha256
+    one = build_cache(tmp_path, "ds", "a", 8, 2, tmp_path / "one.safetensors").sha256
+    two = build_cache(tmp_path, "copy", "a", 8, 2, tmp_path / "two.safetensors").sha256
+    other = build_cache(tmp_path, "ds", "b", 8, 2, tmp_path / "other.safetensors").sha256
     assert one == two != other
-    for name, digest in [("one.pt", one), ("other.pt", other)]:  # recomputed from the file alone
+    for name, digest in [("one.safetensors", one), ("other.safetensors", other)]:  # recomputed from the file alone
         fingerprint_path(tmp_path / name).unlink()
         assert cache_fingerprint(tmp_path / name) == digest
         assert fingerprint_path(tmp_path / name).read_text() == digest + "\n"
-    data = load_split(tmp_path / "one.pt")  # a cache written by plain torch.save, as before streaming
+    data = load_split(tmp_path / "one.safetensors")  # a cache written by plain torch.save, as before streaming
     torch.save({"images": data.images.clone(), "labels": data.labels.clone()}, tmp_path / "plain.pt")
     assert cache_fingerprint(tmp_path / "plain.pt") == one
 
@@ -168,8 +178,8 @@ def test_fingerprint_is_of_the_content(tmp_path):
 def test_fingerprint_trusts_only_a_sidecar_not_older_than_the_cache(tmp_path):
     base = tmp_path / "ds"
     vtab_split(base, "a", [noise_png(base / "x.png", 0).name])
-    digest = build_cache(tmp_path, "ds", "a", 8, 2, tmp_path / "c.pt").sha256
-    cache, sidecar = tmp_path / "c.pt", fingerprint_path(tmp_path / "c.pt")
+    digest = build_cache(tmp_path, "ds", "a", 8, 2, tmp_path / "c.safetensors").sha256
+    cache, sidecar = tmp_path / "c.safetensors", fingerprint_path(tmp_path / "c.safetensors")
     sidecar.write_text("f" * 64 + "\n")
     t = cache.stat().st_mtime_ns
     os.utime(sidecar, ns=(t, t))
@@ -215,7 +225,7 @@ def test_overlapping_splits_are_refused(tmp_path, capsys, layout, overlap):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'val200' and 'test' share an image" in err and "v1.png" in err
     assert ("same file" in err) == (overlap == "path")
-    assert not (tmp_path / "c.pt").exists()
+    assert not (tmp_path / "c.safetensors").exists()
     assert main(cache_argv(tmp_path, "test", "--disjoint-from", "val200", layout=layout)) == 2
     assert "'test' and 'val200' share an image" in capsys.readouterr().err
 
@@ -224,15 +234,15 @@ def test_overlapping_splits_are_refused(tmp_path, capsys, layout, overlap):
 def test_disjoint_splits_are_cached(tmp_path, layout):
     make_splits(tmp_path, layout, None)
     assert main(cache_argv(tmp_path, "val200", "--disjoint-from", "test", layout=layout)) == 0
-    assert load_split(tmp_path / "c.pt").images.shape[0] == (4 if layout == "imagefolder" else 3)
+    assert load_split(tmp_path / "c.safetensors").images.shape[0] == (4 if layout == "imagefolder" else 3)
 
 
 def test_disjoint_from_itself_or_a_missing_split(tmp_path):
     make_splits(tmp_path, "vtab", None)
     with pytest.raises(InputError, match="--disjoint-from val200: that is the split being cached"):
-        build_cache(tmp_path, "ds", "val200", 8, 2, tmp_path / "c.pt", disjoint_from=["val200"])
+        build_cache(tmp_path, "ds", "val200", 8, 2, tmp_path / "c.safetensors", disjoint_from=["val200"])
     with pytest.raises(InputError, match="train800.txt: split file not found"):
-        build_cache(tmp_path, "ds", "val200", 8, 2, tmp_path / "c.pt", disjoint_from=["test", "train800"])
+        build_cache(tmp_path, "ds", "val200", 8, 2, tmp_path / "c.safetensors", disjoint_from=["test", "train800"])
 
 
 def test_shared_images_is_a_pure_check(tmp_path):

@@ -51,7 +51,8 @@ def code_path(path):
 
 
 ENGINE_CODE = [
-    code_path(REPO / "peft_core" / f) for f in ("train.py", "backbones.py", "data.py")
+    code_path(REPO / "peft_core" / f)
+    for f in ("train.py", "backbones.py", "data.py", "init.py")
 ]
 # A method's own file and the private helpers it imports (e.g. _adapter.py):
 # editing them reruns only the cells of the methods that use them.
@@ -72,7 +73,7 @@ def cell_dir(spec):
 
 def cache_path(dataset, split):
     """The decoded split; its name holds the size and resize filter (the cache's identity)."""
-    return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt"
+    return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors"
 
 
 def disjoint_splits(split):

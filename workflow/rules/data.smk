@@ -50,7 +50,7 @@ rule cache_split:
             f"{CFG.data.root}/{wc.dataset}/{s}.txt" for s in disjoint_splits(wc.split)
         ],
     output:
-        f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt",
+        f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
     log:
         f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
     wildcard_constraints:
@@ -64,7 +64,9 @@ rule cache_split:
         size=CFG.data.image_size,
         interpolation=CFG.data.interpolation,
         num_classes=lambda wc: CFG.datasets[wc.dataset].num_classes,
-        disjoint=lambda wc: [a for s in disjoint_splits(wc.split) for a in ("--disjoint-from", s)],
+        disjoint=lambda wc: [
+            a for s in disjoint_splits(wc.split) for a in ("--disjoint-from", s)
+        ],
     shell:
         "python -m peft_core.cli cache --root {params.root:q} --dataset {wildcards.dataset:q} --split {wildcards.split:q} "
         "--size {params.size:q} --interpolation {params.interpolation:q} --num-classes {params.num_classes:q} "
@@ -80,7 +82,7 @@ if OTHER_LAYOUT:
                 layout_listing(wc.dataset, s) for s in disjoint_splits(wc.split)
             ],
         output:
-            f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt",
+            f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
         log:
             f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
         wildcard_constraints:

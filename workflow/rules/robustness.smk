@@ -29,7 +29,7 @@ rule cache_ood:
     input:
         lambda wc: ood_listing(wc.dataset, wc.ood),
     output:
-        f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt",
+        f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
     log:
         f"{LOGS}/cache_ood/{{dataset}}/{{ood}}.log",
     wildcard_constraints:

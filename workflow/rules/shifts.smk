@@ -22,7 +22,7 @@ def ood_listing(dataset, name):
 
 
 def ood_cache(dataset, name):
-    return f"{RES}/cache/{dataset}/ood/{name}_{CFG.data.image_size}px_{CFG.data.interpolation}.pt"
+    return f"{RES}/cache/{dataset}/ood/{name}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors"
 
 
 def layout_listing(dataset, split):
