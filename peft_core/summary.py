@@ -101,7 +101,7 @@ def summary_frame(results: pd.DataFrame, study: Study, per: pd.DataFrame | None 
     """
     per = final_table(results, study) if per is None else per
     if per.empty:
-        return pd.DataFrame(columns=["method", "mean", "params", "params_m", "ppt", "coverage", "complete"])
+        return pd.DataFrame(columns=["method", "mean", "params", "params_m", "ppt", "coverage", "complete", "mean_rank"])
     datasets = list(dict.fromkeys(per.dataset))
     groups = [g for g in GROUP_ORDER if any(study.cfg.datasets[d].group == g for d in datasets)]
     rows = []
