@@ -4,7 +4,8 @@
 (one row per cell, tuning and final); ``build_report`` concatenates those
 into ``results.parquet`` and renders ``summary.md``, ``summary.csv`` and a
 self-contained ``index.html`` (inline CSS and SVG, no script, no network).
-Nothing here imports torch or timm, so reports rebuild in about a second.
+The tables themselves live in ``summary.py`` (holes are never averaged over)
+and ``published.py`` (ours vs published, like with like).
 """
 
 from __future__ import annotations
@@ -18,10 +19,20 @@ from typing import Any
 import pandas as pd
 
 from .config import Study
-from .metrics import ppt
+from .published import PUBLISHED_AS, published_frame, tuned_values  # noqa: F401 (re-exported)
 from .results import METRICS, SPEC, read_json, write_parquet, write_text
-
-GROUP_ORDER = ("natural", "specialized", "structured")
+from .summary import (  # noqa: F401 (rank_frame, summary_frame: re-exported)
+    GROUP_ORDER,
+    HOLE,
+    HOLES_NOTE,
+    cell_text,
+    detail_columns,
+    final_table,
+    protocol,
+    rank_frame,
+    summary_frame,
+    with_config,
+)
 
 
 def _scalar(v: Any) -> Any:
@@ -59,6 +70,7 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
         "wall_time_s": m["wall_time_s"],
         "train_s": m["train_s"],
         "device": m["device"],
+        "precision": m.get("precision"),  # None for cells written before metrics.json had it
         "selected": stage == "tune" and m["cell"] in selected,
         "backbone": s["backbone"]["model"],
     }
@@ -77,52 +89,6 @@ def aggregate_dataset(
 
 
 # ------------------------------------------------------------------ tables
-
-
-def final_table(results: pd.DataFrame, study: Study) -> pd.DataFrame:
-    """Per (method, dataset): mean/std test accuracy (%) over seeds, params, PPT."""
-    final = results[results.stage == "final"]
-    rows = []
-    for (method, dataset), g in final.groupby(["method", "dataset"], sort=False):
-        ok = g[g.status == "ok"]
-        acc = ok.accuracy * 100
-        rows.append(
-            {
-                "method": method,
-                "dataset": dataset,
-                "group": g.group.iloc[0],
-                "mean": acc.mean() if len(ok) else math.nan,
-                "std": acc.std(ddof=1) if len(ok) > 1 else math.nan,  # one seed: no spread to report
-                "seeds": len(g),
-                "diverged": int((g.status != "ok").sum()),
-                "trainable_params": int(g.trainable_params.iloc[0]),
-                "split": g.eval_split.iloc[0],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def summary_frame(results: pd.DataFrame, study: Study) -> pd.DataFrame:
-    """Methods x datasets (test %), group means, plain mean, params (M), PPT."""
-    per = final_table(results, study)
-    datasets = [d for d in study.dataset_names() if d in set(per.dataset)]
-    methods = [m for m in study.method_names() if m in set(per.method)]
-    groups = [g for g in GROUP_ORDER if any(study.cfg.datasets[d].group == g for d in datasets)]
-    rows = []
-    for method in methods:
-        pm = per[per.method == method].set_index("dataset")
-        row: dict[str, Any] = {"method": method}
-        for d in datasets:
-            row[d] = pm["mean"].get(d, math.nan)
-        for g in groups:
-            row[g] = pd.Series([row[d] for d in datasets if study.cfg.datasets[d].group == g]).mean()
-        row["mean"] = pd.Series([row[d] for d in datasets]).mean()
-        params = pm.trainable_params.reindex(datasets).mean()
-        row["params"] = params
-        row["params_m"] = params / 1e6
-        row["ppt"] = ppt(row["mean"] / 100, params) if not math.isnan(row["mean"]) else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def selection_frame(results: pd.DataFrame, study: Study | None = None) -> pd.DataFrame:
@@ -164,50 +130,43 @@ def _md_table(header: list[str], rows: list[list[str]], align_right_from: int = 
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
-def _cell_text(per: pd.DataFrame, method: str, dataset: str) -> str:
-    hit = per[(per.method == method) & (per.dataset == dataset)]
-    if hit.empty:
-        return "–"
-    r = hit.iloc[0]
-    text = _fmt(r["mean"], 1) + ("" if math.isnan(r["std"]) else f" ± {_fmt(r['std'], 1)}")
-    return text + (f" ({r['diverged']} div.)" if r["diverged"] else "")
+def _num(v: Any, digits: int = 2) -> str:
+    """A number, or the hole mark for a missing aggregate."""
+    return HOLE if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v, digits)
 
 
 def render_markdown(results: pd.DataFrame, study: Study) -> str:
     per = final_table(results, study)
-    summ = summary_frame(results, study)
+    summ = summary_frame(results, study, per)
     sel = selection_frame(results, study)
-    datasets = [c for c in summ.columns if c in study.cfg.datasets]
+    datasets = list(dict.fromkeys(per.dataset))
     groups = [g for g in GROUP_ORDER if g in summ.columns]
     cfg = study.cfg
-    seeds = sorted(results[results.stage == "final"].seed.unique().tolist())
+    info = protocol(results, study, per)
     lines = [
         f"# {study.name}: PEFT methods on {cfg.backbone.model}",
         "",
-        f"Top-1 accuracy (%) on `{cfg.data.final_eval}` after training on `{cfg.data.final_train}`, "
-        f"mean ± std over seeds {seeds}. Configurations were selected per data set and method "
-        f"by accuracy on `{cfg.data.tune_eval}` after training on `{cfg.data.tune_train}` (never on test). "
-        "Params: trainable parameters excluding the head, mean over data sets. "
+        f"Split: `{info['split']}` (after training on `{cfg.data.final_train}`). Final seeds: {info['seeds']}. "
+        f"Precision: {info['precision']}.",
+        "",
+        f"Top-1 accuracy (%), mean ± std over the finished seeds; {HOLES_NOTE} Configurations were selected per "
+        f"data set and method by accuracy on `{cfg.data.tune_eval}` after training on `{cfg.data.tune_train}` "
+        "(never on test). Params: trainable parameters excluding the head, mean over data sets. "
         "PPT = Mean/100 · exp(−log10(Params/10⁷ + 1)).",
         "",
-        "## Test accuracy",
-        "",
     ]
-    header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Params (M)", "PPT"]
-    rows = []
-    for _, r in summ.iterrows():
-        rows.append(
-            [
-                r.method,
-                *[_cell_text(per, r.method, d) for d in datasets],
-                *[_fmt(r[g]) for g in groups],
-                _fmt(r["mean"]),
-                _params_m(r.params),
-                _fmt(r.ppt),
-            ]
-        )
+    if info["deviations"]:
+        lines += ["Deviations from the reference implementation:", ""]
+        lines += [f"- {m}: {d}" for m, devs in info["deviations"].items() for d in devs] + [""]
+    lines += ["## Test accuracy", ""]
+    header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Coverage", "Params (M)", "PPT", "Mean rank"]
+    rows = [
+        [r.method, *[cell_text(per, r.method, d) for d in datasets], *[_num(r[g]) for g in groups], _num(r["mean"]),
+         r.coverage, HOLE if math.isnan(r.params) else _params_m(r.params), _num(r.ppt), _num(r.mean_rank, 1)]
+        for _, r in summ.iterrows()
+    ]  # fmt: skip
     lines += [_md_table(header, rows), ""]
-    lines += _published_lines(summ, study, datasets)
+    lines += _published_lines(summ, study, datasets, per, tuned_values(results))
     lines += ["## Selected configurations (validation accuracy, %)", ""]
     srows = [
         [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}", _fmt(r.grid_spread, 1)]
@@ -218,6 +177,7 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         "",
     ]
     div = results[results.status != "ok"]
+    short = per[per.seeds_ok < per.seeds_total]
     lines += [
         "## Runs",
         "",
@@ -227,46 +187,32 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         + ".",
         "",
     ]
+    if len(short):
+        lines += ["Final seeds short of the plan: " + ", ".join(
+            f"{r.dataset}/{r.method} {int(r.seeds_ok)}/{int(r.seeds_total)} ok ({int(r.diverged)} diverged)"
+            for r in short.itertuples()) + ".", ""]  # fmt: skip
     return "\n".join(lines)
 
 
-# Our method names -> the reference study's, where they differ (its result files).
-PUBLISHED_ALIASES = {"adapter": "lora_p_adapter", "houlsby": "rand_h_adapter"}
-
-
-def published_frame(summ: pd.DataFrame, published: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
-    """Ours vs published mean test accuracy over the data sets both have, per method."""
-    pub = published.set_index("method")
-    rows = []
-    for _, r in summ.iterrows():
-        name = PUBLISHED_ALIASES.get(r.method, r.method)
-        if name not in pub.index:
-            continue
-        common = [d for d in datasets if d in pub.columns and not math.isnan(r[d])]
-        if not common:
-            continue
-        ours = sum(r[d] for d in common) / len(common)
-        theirs = float(pub.loc[name, common].astype(float).mean())
-        rows.append({"method": r.method, "published_as": name, "datasets": len(common),
-                     "ours": ours, "published": theirs, "diff": ours - theirs})  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def _published_lines(summ: pd.DataFrame, study: Study, datasets: list[str]) -> list[str]:
+def _published_lines(
+    summ: pd.DataFrame, study: Study, datasets: list[str], per: pd.DataFrame, tuned: dict[str, dict[str, set]]
+) -> list[str]:
     path = study.cfg.published
     if not path or not Path(path).is_file():
         return []
-    comp = published_frame(summ, pd.read_csv(path), datasets)
+    comp = published_frame(summ, pd.read_csv(path), datasets, per, tuned)
     if comp.empty:
         return []
-    rows = [[r.method, r.published_as, str(r.datasets), _fmt(r.ours), _fmt(r.published), f"{r.diff:+.2f}"]
-            for r in comp.itertuples()]  # fmt: skip
+    rows = [[r.method, r.published_as, str(r.datasets), _num(r.ours), _fmt(r.published),
+             HOLE if math.isnan(r.diff) else f"{r.diff:+.2f}", r.note] for r in comp.itertuples()]  # fmt: skip
     return [
         f"## Ours vs published (`{path}`)",
         "",
-        "Mean test accuracy (%) over the data sets both report; diff = ours − published.",
+        "Mean test accuracy (%) over the data sets both report on which our selected configuration is what the "
+        "published row ran (see `peft_core/published.py`); diff = ours − published. A method tuned over more "
+        "than the published row and never selecting its configuration is not compared.",
         "",
-        _md_table(["method", "published as", "datasets", "ours", "published", "diff"], rows, 2),
+        _md_table(["method", "published as", "datasets", "ours", "published", "diff", "note"], rows, 2),
         "",
     ]
 
@@ -377,25 +323,29 @@ svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;
 """
 
 
-def _html_table(frame: pd.DataFrame, best_cols: list[str] | None = None, digits: int = 2) -> str:
-    best = {c: frame[c].max() for c in (best_cols or []) if c in frame}
+def _html_table(
+    frame: pd.DataFrame,
+    best_cols: list[str] | None = None,
+    digits: int = 2,
+    eligible: pd.Series | None = None,
+    text: pd.DataFrame | None = None,
+) -> str:
+    """``frame`` as a table; the best value of each of ``best_cols`` in bold, among the ``eligible``
+    rows only (all by default); ``text`` (same index) overrides how cells are shown."""
+    pool = frame if eligible is None else frame[eligible.to_numpy(dtype=bool)]
+    best = {c: pool[c].max() for c in (best_cols or []) if c in frame and len(pool)}
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = []
-    for _, r in frame.iterrows():
+    for i, r in frame.iterrows():
         tds = []
+        ok = eligible is None or bool(eligible.loc[i])
         for c in frame.columns:
             v = r[c]
-            cls = ' class="best"' if c in best and isinstance(v, float) and v == best[c] else ""
-            tds.append(f"<td{cls}>{html.escape(_fmt(v, digits))}</td>")
+            cls = ' class="best"' if ok and c in best and isinstance(v, float) and v == best[c] else ""
+            shown = text.at[i, c] if text is not None and c in text else _fmt(v, digits)
+            tds.append(f"<td{cls}>{html.escape(shown)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def rank_frame(summ: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
-    """Rank of each method per dataset (1 = best test accuracy; ties share the best rank)."""
-    ranks = summ.set_index("method")[datasets].rank(ascending=False, method="min")
-    ranks["mean rank"] = ranks.mean(axis=1)
-    return ranks.sort_values("mean rank", kind="stable")
 
 
 def _rank_heatmap(ranks: pd.DataFrame) -> str:
@@ -409,19 +359,41 @@ def _rank_heatmap(ranks: pd.DataFrame) -> str:
             v = r[c]
             shade = 0.0 if math.isnan(v) else 1 - (v - 1) / max(n - 1, 1)
             style = f' style="background:rgba(26,127,55,{0.55 * shade:.2f})"' if c != "mean rank" else ""
-            cells.append(f"<td{style}>{_fmt(v, 1 if c == 'mean rank' else 0)}</td>")
+            cells.append(f"<td{style}>{_num(v, 1 if c == 'mean rank' else 0)}</td>")
         body.append(f"<tr><td>{html.escape(str(method))}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _summary_html(summ: pd.DataFrame, per: pd.DataFrame, datasets: list[str], groups: list[str]) -> str:
+    """The main table: cells flagged like the markdown's, best value per column among complete methods."""
+    cols = ["method", *datasets, *groups, "mean", "coverage", "params", "ppt", "mean_rank"]
+    frame = summ[cols].rename(columns={"params": "params (M)", "ppt": "PPT", "mean_rank": "mean rank"})
+    text = pd.DataFrame(index=frame.index)
+    for d in datasets:
+        text[d] = [cell_text(per, m, d) for m in summ.method]
+    for c in [*groups, "mean", "PPT", "mean rank"]:
+        text[c] = [_num(v, 1 if c == "mean rank" else 2) for v in frame[c]]
+    text["params (M)"] = [HOLE if math.isnan(v) else _params_m(v) for v in frame["params (M)"]]
+    return _html_table(frame, [*datasets, *groups, "mean", "PPT"], eligible=summ.complete, text=text)
+
+
 def render_html(results: pd.DataFrame, study: Study) -> str:
-    summ = summary_frame(results, study)
+    per = final_table(results, study)
+    summ = summary_frame(results, study, per)
     sel = selection_frame(results, study)
+    datasets = list(dict.fromkeys(per.dataset))
+    groups = [g for g in GROUP_ORDER if g in summ.columns]
     cfg = study.cfg
-    shown = summ.drop(columns=["params_m"]).rename(columns={"ppt": "PPT"})
-    shown["params"] = shown["params"].map(_params_m)
-    shown = shown.rename(columns={"params": "params (M)"})
-    acc_cols = [c for c in shown.columns if c not in ("method", "params (M)")]
+    info = protocol(results, study, per)
+    deviations = "".join(
+        f"<li>{html.escape(m)}: {html.escape(d)}</li>" for m, devs in info["deviations"].items() for d in devs
+    )
+    deviations = f'<p class="note">Deviations from the reference implementation:</p><ul>{deviations}</ul>' if deviations else ""
+    ppt_rank = summ.sort_values("ppt", ascending=False, kind="stable")[["method", "mean", "coverage", "params", "ppt"]]
+    ppt_text = pd.DataFrame(
+        {"mean": ppt_rank["mean"].map(_num), "ppt": ppt_rank.ppt.map(_num),
+         "params": [HOLE if math.isnan(v) else _params_m(v) for v in ppt_rank.params]}, index=ppt_rank.index
+    )  # fmt: skip
     sel_shown = sel.rename(
         columns={"val_accuracy": "val acc (%)", "trainable_params": "trainable", "weight_decay": "wd"}
     ).assign(lr=lambda f: f.lr.map("{:g}".format), wd=lambda f: f.wd.map("{:g}".format))
@@ -437,19 +409,23 @@ def render_html(results: pd.DataFrame, study: Study) -> str:
 <title>{html.escape(study.name)} · peft-vision-bench</title><style>{CSS}</style></head>
 <body>
 <h1>{html.escape(study.name)}: PEFT methods on <code>{html.escape(cfg.backbone.model)}</code></h1>
-<p class="note">Top-1 accuracy (%) on <code>{cfg.data.final_eval}</code> after training on <code>{cfg.data.final_train}</code>,
-mean over final seeds. Configurations selected by accuracy on <code>{cfg.data.tune_eval}</code> (never on test).
-Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1)). Best value per column in bold.</p>
+<p class="note">Split: <code>{html.escape(info["split"])}</code> (after training on <code>{cfg.data.final_train}</code>).
+Final seeds: {info["seeds"]}. Precision: {html.escape(info["precision"])}.</p>
+<p class="note">Top-1 accuracy (%), mean ± std over the finished seeds; {html.escape(HOLES_NOTE)}
+Configurations selected by accuracy on <code>{cfg.data.tune_eval}</code> (never on test).
+Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1)). Best value per column (complete methods) in bold.</p>
+{deviations}
 <h2>Test accuracy, group means, parameters and PPT</h2>
-{_html_table(shown, acc_cols)}
+{_summary_html(summ, per, datasets, groups)}
 <h2>Accuracy vs trainable parameters</h2>
-<p class="note">Dashed red: the Pareto front (no method is both smaller and more accurate).</p>
+<p class="note">Dashed red: the Pareto front (no method is both smaller and more accurate). Complete methods only.</p>
 {_svg_scatter(summ)}
 <h2>Ranks per data set</h2>
-<p class="note">1 = best test accuracy on that data set; sorted by mean rank.</p>
-{_rank_heatmap(rank_frame(summ, [d for d in study.dataset_names() if d in summ.columns]))}
+<p class="note">1 = best test accuracy on that data set among complete methods; sorted by mean rank. A method with a hole
+shows the rank it would take among them and comes last, without a mean rank.</p>
+{_rank_heatmap(rank_frame(summ, datasets))}
 <h2>PPT ranking</h2>
-{_html_table(summ.sort_values("ppt", ascending=False)[["method", "mean", "params", "ppt"]].assign(params=lambda f: f.params.map(_params_m)).rename(columns={"params": "params (M)", "ppt": "PPT"}))}
+{_html_table(ppt_rank.rename(columns={"params": "params (M)", "ppt": "PPT"}), text=ppt_text.rename(columns={"params": "params (M)", "ppt": "PPT"}))}
 <h2>Tuning sensitivity</h2>
 <p class="note">How much the validation accuracy moves over each method's hyper-parameter grid (max − min):
 dots are data sets, bars their mean. A large spread means the method needs its tuning budget.</p>
@@ -462,11 +438,26 @@ dots are data sets, bars their mean. A large spread means the method needs its t
 """
 
 
+def results_table(results: pd.DataFrame, per: pd.DataFrame) -> pd.DataFrame:
+    """The cells plus ``config`` (compact JSON) and, on final rows, their (data set, method)'s
+    ``final_mean``/``final_std`` (%), ``seeds_ok``, ``seeds_total`` and ``seeds_diverged``."""
+    out = with_config(results)
+    keys = per.set_index(["dataset", "method"])
+    idx = pd.MultiIndex.from_arrays([out.dataset, out.method])
+    final = (out.stage == "final").to_numpy()
+    for col, src in (("final_mean", "mean"), ("final_std", "std"), ("seeds_ok", "seeds_ok"),
+                     ("seeds_total", "seeds_total"), ("seeds_diverged", "diverged")):  # fmt: skip
+        vals = keys[src].reindex(idx).to_numpy(dtype=float) if len(keys) else [math.nan] * len(out)
+        out[col] = pd.Series(vals, index=out.index).where(final)
+    return out
+
+
 def build_report(study: Study, tables: list[Path], out_dir: Path) -> pd.DataFrame:
     results = pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(out_dir / "results.parquet", results)
-    summ = summary_frame(results, study)
+    per = final_table(results, study)
+    write_parquet(out_dir / "results.parquet", results_table(results, per))
+    summ = detail_columns(summary_frame(results, study, per), per)
     write_text(out_dir / "summary.csv", summ.to_csv(index=False, float_format="%.4f"))
     write_text(out_dir / "summary.md", render_markdown(results, study))
     write_text(out_dir / "index.html", render_html(results, study))
