@@ -4,7 +4,9 @@ The cell is rebuilt from its ``spec.json`` and the backbone checkpoint, its
 trained tensors are loaded, the method's ``merge`` folds them into the
 backbone, and the result must load strictly into a freshly created timm model
 of the same architecture (no package code needed to use it). Before writing,
-merged and unmerged logits are compared on a random batch.
+merged and unmerged logits are compared on a fixed random probe batch (fp32,
+seed 0): if they differ by more than ``MERGE_RTOL`` times the logits' scale
+(``max |logit|``, at least 1), the merge is refused and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from .errors import InputError
 from .methods import get_method
 from .results import SPEC, WEIGHTS, read_json, write_safetensors
 from .train import build_model
+
+# Merged and unmerged fp32 logits may differ by rounding only: folding a delta
+# into a weight reorders a few sums, ~1e-7 relative per layer (a 12-block ViT
+# lands near 1e-6). A wrong merge (a missing scale, a transposed delta) is off
+# by the size of the adaptation, orders of magnitude more.
+MERGE_RTOL = 1e-5
 
 
 def load_cell_model(cell_dir: Path, checkpoint: str | Path | None) -> tuple[CellSpec, torch.nn.Module]:
@@ -52,6 +60,7 @@ def merge_cell(cell_dir: str | Path, out: str | Path, checkpoint: str | Path | N
             "backbone's weights); use the cell's trainable.safetensors with peft_core instead"
         )
     spec, model = load_cell_model(cell_dir, checkpoint)
+    model = model.float()
     size = spec.image_size
     x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     before = model(x)
@@ -63,5 +72,11 @@ def merge_cell(cell_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     except RuntimeError as err:
         raise InputError(f"{spec.method}: merged model is not a plain {spec.backbone.model}: {err}") from None
     diff = (plain.eval()(x) - before).abs().max().item()
+    tolerance = MERGE_RTOL * max(1.0, before.abs().max().item())
+    if not diff <= tolerance:  # NaN included
+        raise InputError(
+            f"{cell_dir}: merged {spec.method} model's outputs differ from the unmerged one's by {diff:.3g} "
+            f"(max abs on a fixed random batch; tolerance {tolerance:.3g}); not writing {out}"
+        )
     write_safetensors(out, state, metadata={"spec": spec.canonical_json(), "merged_from": str(cell_dir)})
     return {"out": str(out), "method": spec.method, "model": spec.backbone.model, "max_abs_diff": diff}

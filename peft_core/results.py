@@ -5,7 +5,9 @@ A cell directory holds ``spec.json`` (what ran), ``predictions.parquet``
 trained tensors, for merging) and ``metrics.json`` (written last:
 its presence means the cell finished). Every file is written to a temporary
 name in the same directory and renamed, so a killed job never leaves a
-half-written file under the final name.
+half-written file under the final name. Files get the mode a plain ``open``
+would give them (``0o666 & ~umask``), not ``mkstemp``'s 0600, so that on a
+shared cluster lab-mates can read results when the user's umask lets them.
 """
 
 from __future__ import annotations
@@ -23,12 +25,29 @@ SPEC, METRICS, PREDICTIONS = "spec.json", "metrics.json", "predictions.parquet"
 WEIGHTS = "trainable.safetensors"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (thread-safe)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere (or Linux < 4.7) set and restore it: another thread creating a
+    # file in between would get 0o077 for that file (safe, never looser).
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after writing: a writer may have made the file anew
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,6 +12,12 @@ Each request runs in a freshly forked child: no state is shared between
 cells (the parent never runs a torch op, so no thread pool exists at fork
 time). Without a reachable server the command simply runs in-process, so the
 server is an optimisation only, never a requirement (SLURM jobs run without it).
+
+It runs commands for its own user only: the socket is mode 0600 in a
+directory that is not world-writable, the peer's uid (SO_PEERCRED) must be
+the server's, and only the subcommands in ALLOWED run. A request is read
+whole (length-prefixed, however the bytes arrive) or not run at all. Each
+forward is logged as "client pid P: forked pid C for <command>".
 """
 
 from __future__ import annotations
@@ -20,21 +26,38 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 ENV_VAR = "PEFT_CORE_SERVER"
 _HEADER = struct.Struct("!I")
+_RC = struct.Struct("!i")
+# The only subcommands the server runs (those that import torch + timm and run
+# many times per study; cli.FORWARDED, the ones the client sends, must be a
+# subset). Anything else is refused, whoever asks.
+ALLOWED = frozenset({"train", "train-pack", "robustness"})
+# A request is argv + cwd + environment: far below this.
+MAX_REQUEST = 1 << 22
+# A client has this long to send its whole request (the server reads one
+# request at a time, so a stalled client must not stall the others).
+REQUEST_TIMEOUT = 10.0
+# Status word of a refused request; a one-line reason follows (length-prefixed).
+REFUSED = -1
 
 
 def _send_msg(sock: socket.socket, payload: dict, fds: list[int] | None = None) -> None:
     data = json.dumps(payload).encode()
     msg = _HEADER.pack(len(data)) + data
     if fds:
-        socket.send_fds(sock, [msg], fds)
+        sent = socket.send_fds(sock, [msg], fds)
+        if sent < len(msg):  # sendmsg may send only part of a large message
+            sock.sendall(msg[sent:])
     else:
         sock.sendall(msg)
 
@@ -49,13 +72,74 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
+class BadRequest(ValueError):
+    """A request the server will not run; its message is sent back as one line."""
+
+
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 4)
-    (size,) = _HEADER.unpack(msg[: _HEADER.size])
-    body = msg[_HEADER.size :]
-    if len(body) < size:
-        body += _recv_exact(conn, size - len(body))
-    return json.loads(body), list(fds)
+    """One length-prefixed request and the two descriptors sent with it.
+
+    Reads until the whole message is in, however the bytes arrive (the
+    descriptors come with the first ones); end-of-file before that raises
+    ConnectionError, so a truncated request never runs. Descriptors received
+    are closed again on any error.
+    """
+    buf, fds, size = b"", [], None
+    try:
+        while size is None or len(buf) < _HEADER.size + size:
+            want = (_HEADER.size if size is None else _HEADER.size + size) - len(buf)
+            chunk, got, flags, _addr = socket.recv_fds(conn, min(want, 1 << 16), 4)
+            fds.extend(got)
+            if flags & socket.MSG_CTRUNC:
+                raise BadRequest("too many file descriptors sent")
+            if not chunk:
+                raise ConnectionError(f"request cut short: end-of-file after {len(buf)} bytes")
+            buf += chunk
+            if size is None and len(buf) >= _HEADER.size:
+                (size,) = _HEADER.unpack(buf[: _HEADER.size])
+                if size > MAX_REQUEST:
+                    raise BadRequest(f"request of {size} bytes is over the limit of {MAX_REQUEST}")
+        try:
+            request = json.loads(buf[_HEADER.size :])
+        except ValueError:
+            raise BadRequest("request is not valid JSON") from None
+        _check_request(request, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, fds
+
+
+def _check_request(request: object, fds: list[int]) -> None:
+    if not isinstance(request, dict) or set(request) != {"argv", "cwd", "env"}:
+        raise BadRequest("request must be an object with exactly argv, cwd and env")
+    argv, cwd, env = request["argv"], request["cwd"], request["env"]
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise BadRequest("argv must be a non-empty list of strings")
+    if argv[0] not in ALLOWED:
+        raise BadRequest(f"{argv[0]!r} is not a command the fork server runs (it runs: {', '.join(sorted(ALLOWED))})")
+    if not isinstance(cwd, str) or not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise BadRequest("cwd must be a string and env a mapping of strings")
+    if len(fds) != 2:
+        raise BadRequest(f"expected 2 file descriptors (stdout, stderr), got {len(fds)}")
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = struct.Struct("3i")
+    return creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+
+
+def _refuse(conn: socket.socket, reason: str) -> None:
+    """Tell the client, in one line, why its request does not run (best effort)."""
+    data = " ".join(reason.split()).encode()[:4096]
+    try:
+        conn.sendall(_RC.pack(REFUSED) + _HEADER.pack(len(data)) + data)
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------ client
@@ -73,19 +157,54 @@ def forward(argv: list[str]) -> int | None:
         sock.close()
         return None
     with sock:
+        _pid, uid, _gid = _peer_cred(sock)
+        if uid != os.getuid():  # never hand our environment and files to another user's process
+            print(f"peft-core: {ENV_VAR}={path} is served by uid {uid}, not you; running in-process", file=sys.stderr)
+            return None
         sys.stdout.flush()
         sys.stderr.flush()
         request = {"argv": argv, "cwd": os.getcwd(), "env": {k: v for k, v in os.environ.items() if k != ENV_VAR}}
-        _send_msg(sock, request, [sys.stdout.fileno(), sys.stderr.fileno()])
         try:
-            (rc,) = struct.unpack("!i", _recv_exact(sock, 4))
-        except ConnectionError:
+            _send_msg(sock, request, [sys.stdout.fileno(), sys.stderr.fileno()])
+            (rc,) = _RC.unpack(_recv_exact(sock, _RC.size))
+            if rc == REFUSED:
+                (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+                reason = _recv_exact(sock, size).decode(errors="replace")
+                print(f"peft-core: error: the fork server refused the request: {reason}", file=sys.stderr)
+                return 2
+        except OSError:  # ConnectionError included
             print("peft-core: the fork server's worker died", file=sys.stderr)
             return 1
         return rc
 
 
 # ------------------------------------------------------------------ server
+
+
+def _log(message: str) -> None:
+    print(f"peft-core serve: {message}", flush=True)
+
+
+def _accept_request(conn: socket.socket) -> tuple[dict, list[int]] | None:
+    """Check the peer and read its request; None (after telling the peer why) if it must not run."""
+    pid = "?"
+    try:
+        pid, uid, _gid = _peer_cred(conn)
+        if uid != os.getuid():
+            _log(f"refused pid {pid}: uid {uid} is not the server's uid {os.getuid()}")
+            _refuse(conn, f"uid {uid} may not use this fork server (it serves uid {os.getuid()} only)")
+            return None
+        conn.settimeout(REQUEST_TIMEOUT)
+        request, fds = _recv_request(conn)
+        conn.settimeout(None)  # the child's _die_with_client waits on it for as long as the cell runs
+    except BadRequest as err:
+        _log(f"refused pid {pid}: {err}")
+        _refuse(conn, str(err))
+        return None
+    except (OSError, ValueError, ConnectionError) as err:
+        _log(f"dropped a request from pid {pid}: {err}")
+        return None
+    return request, fds
 
 
 def _die_with_client(conn: socket.socket) -> None:
@@ -151,20 +270,36 @@ def _preload() -> None:
     list_methods()
 
 
+def _private_dir(directory: Path) -> None:
+    """Create ``directory`` (0700) or check that an existing one is not world-writable."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_mode & stat.S_IWOTH:
+        raise InputError(
+            f"{directory}: world-writable; put the fork server's socket in a directory only you can write to"
+        )
+
+
 def serve(path: str | Path, idle_timeout: float = 900.0, parent_pid: int | None = None) -> None:
-    """Accept requests on the Unix socket ``path`` until idle or the parent exits."""
+    """Accept requests on the Unix socket ``path`` until idle or the parent exits.
+
+    The socket is mode 0600 and its directory may not be world-writable; a
+    peer of another uid, a command outside ALLOWED and a malformed or
+    truncated request are refused (logged, and a one-line reason sent back).
+    """
     path = Path(path)
+    _private_dir(path.parent)
     _preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(tmp))
+    os.chmod(tmp, 0o600)
     srv.listen(64)
-    os.replace(tmp, path)  # clients see the socket only once it accepts
+    os.replace(tmp, path)  # clients see the socket only once it accepts, and only as 0600
     srv.settimeout(2.0)
     last = time.monotonic()
+    _log(f"pid {os.getpid()} listening on {path}")
     try:
         while True:
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -176,15 +311,17 @@ def serve(path: str | Path, idle_timeout: float = 900.0, parent_pid: int | None 
             except socket.timeout:
                 continue
             last = time.monotonic()
-            try:
-                conn.settimeout(None)
-                request, fds = _recv_request(conn)
-            except (OSError, ValueError, ConnectionError):
+            accepted = _accept_request(conn)
+            if accepted is None:
                 conn.close()
                 continue
-            if os.fork() == 0:
+            request, fds = accepted
+            client = _peer_cred(conn)[0]
+            child = os.fork()
+            if child == 0:
                 srv.close()
                 _child(conn, request, fds)
+            _log(f"client pid {client}: forked pid {child} for {' '.join(request['argv'][:1])}")
             for fd in fds:
                 os.close(fd)
             conn.close()

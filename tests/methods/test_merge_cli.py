@@ -52,3 +52,37 @@ def test_non_mergeable_method_says_so(tmp_path, monkeypatch):
     (tmp_path / "cell" / "spec.json").write_text(toycell.spec("vpt_deep", {}).canonical_json())
     with pytest.raises(InputError, match="vpt_deep: not mergeable"):
         merge_cell("cell", tmp_path / "x.safetensors")
+
+
+def _broken(method):
+    """``method`` with a merge that folds the delta in slightly wrong (scaled by 1.001)."""
+    import dataclasses
+
+    import torch
+
+    def merge(model):
+        merged = method.merge(model)
+        with torch.no_grad():
+            merged.blocks[0].attn.qkv.weight.mul_(1.001)
+        return merged
+
+    return dataclasses.replace(method, merge=merge)
+
+
+def test_merge_that_changes_outputs_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import peft_core.merge
+    from peft_core.cli import main
+    from peft_core.methods import get_method
+
+    monkeypatch.chdir(tmp_path)
+    toycell.write_inputs(tmp_path)
+    cell = toycell.spec("lora", {"rank": 2, "targets": ["q", "v"]})
+    run_cell(cell, "train.pt", "eval.pt", "backbone.safetensors", "cell", threads=1, device="cpu", log=lambda m: None)
+    monkeypatch.setattr(peft_core.merge, "get_method", lambda name: _broken(get_method(name)))
+    with pytest.raises(InputError, match=r"^cell: merged lora model's outputs differ .* by \S+ \(max abs"):
+        merge_cell("cell", tmp_path / "merged.safetensors")
+    # the CLI: one line, exit status 2, no file (not even a temporary one)
+    assert main(["merge", "--cell", "cell", "--out", "merged.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-core: error: cell: merged lora model's outputs differ") and err.count("\n") == 1
+    assert not [p.name for p in tmp_path.iterdir() if "merged" in p.name]

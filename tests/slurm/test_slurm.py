@@ -346,8 +346,17 @@ def test_cancelled_train_job_then_rerun_completes(slurm_cluster, reference, tmp_
     assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
 
 
-def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, reference, tmp_path):
-    """`scontrol requeue` (what preemption does): SIGTERM, state saved, the job runs again and resumes."""
+@pytest.mark.parametrize("how", ["requeue", "profile-signal"])
+def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, reference, tmp_path, how):
+    """A training job cut off mid-training saves its state and the study still completes, resuming from it.
+
+    ``requeue``: `scontrol requeue` (what preemption does): SIGTERM, the job runs again and resumes.
+    ``profile-signal``: the profile's own `--signal` (e.g. USR1@120) as SLURM sends it ahead of the
+    time limit, i.e. to the job steps (`scancel --signal`, no `--batch`): the trainer saves its state
+    and Snakemake's retry resumes from it.
+    """
+    from .test_profile import profile_signal
+
     work = tmp_path / "requeue"
     work.mkdir()
     _seed_from(reference["work"], work)
@@ -369,7 +378,10 @@ def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, referenc
                 victim = running[0]
             time.sleep(0.3)
         assert victim is not None, f"no training job was seen mid-training:\n{_tail(log)}"
-        _sh("scontrol", "requeue", victim)
+        if how == "requeue":
+            _sh("scontrol", "requeue", victim)
+        else:
+            _sh("scancel", f"--signal={profile_signal().split('@')[0]}", victim)
         rc = proc.wait(timeout=RUN_TIMEOUT_S + 300)
     finally:
         if proc.poll() is None:
@@ -380,7 +392,8 @@ def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, referenc
     print(_sh("sacct", "-D", "-X", "-j", victim, "-o", "JobID,JobName%36,State,ExitCode,Elapsed"))
     # the requeued job ran twice (sacct -D shows each run) and completed the second time
     runs = _sh("sacct", "-D", "-X", "-n", "-P", "-j", victim, "-o", "State").split()
-    assert len(runs) >= 2 and runs[-1] == "COMPLETED", runs
+    if how == "requeue":
+        assert len(runs) >= 2 and runs[-1] == "COMPLETED", runs
     train_logs = "\n".join(p.read_text(errors="replace") for p in (work / "logs").glob("tiny/train_*/*/*/*.log"))
     assert "resumed from" in train_logs, "no cell resumed from its saved state"
     assert not list((work / "results").rglob("resume.pt")), "a resume state was left behind"
