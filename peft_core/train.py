@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -362,6 +363,8 @@ def run_cell(
         "init": spec.init,
         "compiled": spec.compile,
         "threads": threads,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
         "torch": torch.__version__,
         "peft_core": __version__,
         "code": code,  # checksum of the engine + method sources it ran (packs reuse cells by it)

@@ -159,3 +159,24 @@ def test_methods_reference_init_changes_have_a_deviation():
     # every method whose tensors reference_init redraws says so in its deviations
     for name in REFERENCE_REDRAWS:
         assert any("init='reference'" in d for d in get_method(name).deviations), name
+
+
+def test_the_cell_spec_init_option_reaches_the_model(tmp_path):
+    """``train.init`` in the config -> CellSpec.init -> build_model: the as-run init only when asked."""
+    from safetensors.torch import save_file
+
+    from peft_core.train import build_model
+
+    from .. import toycell
+
+    state = {k: v for k, v in c.tiny_model("vit").state_dict().items() if not k.startswith("head.")}
+    save_file(state, str(tmp_path / "backbone.safetensors"))
+    ckpt = tmp_path / "backbone.safetensors"
+    torch.manual_seed(0)
+    intended = build_model(toycell.spec("lora", {"rank": 4}), ckpt, torch.device("cpu"))
+    torch.manual_seed(0)
+    as_run = build_model(toycell.spec("lora", {"rank": 4}, init="reference"), ckpt, torch.device("cpu"))
+    b_intended = [p for n, p in intended.named_parameters() if n.endswith("lora_b")]
+    b_as_run = [p for n, p in as_run.named_parameters() if n.endswith("lora_b")]
+    assert b_intended and all(float(p.abs().max()) == 0 for p in b_intended)
+    assert all(float(p.abs().max()) > 0 for p in b_as_run)

@@ -315,3 +315,125 @@ def test_snakemake_report_zip(study):
     names = zipfile.ZipFile(work / "report.zip").namelist()
     assert any(n.endswith("summary.md") for n in names) and any(n.endswith("index.html") for n in names)
     assert any(n.endswith("robustness.md") for n in names) and any(n.endswith("robustness.html") for n in names)
+
+
+def cells_trained(work, since: float) -> dict[str, str]:
+    """cell id -> why it trained, for every cell whose metrics.json was written after ``since``."""
+    out = {}
+    for pack in (work / "results/tiny").glob("*s/digits/**/*.json"):  # packs/ and finals/ manifests
+        if pack.stat().st_mtime < since:
+            continue
+        for c in json.loads(pack.read_text())["cells"]:
+            if not c["reused"]:
+                out[c["cell"]] = c.get("trained_because")
+    return out
+
+
+def test_cells_follow_the_content_of_splits_and_checkpoint(study, tmp_path):
+    """A split file edited without changing the split: its cache is rebuilt, nothing retrains. One label of val200 changed:
+    exactly the cells evaluated on val200 retrain. Other weights at the same checkpoint
+    path: every cell. (A bare `touch` of a split file reruns nothing at all: Snakemake
+    compares checksums of small inputs.)"""
+    work, _ = copy_study(study, tmp_path)
+    config = work / "tiny.yaml"
+    tuning = {c["cell"] for m in ("linear", "lora") for p in manifests(work, m) for c in p["cells"]}
+    val200 = work / "data/tiny/vtab/digits/val200.txt"
+
+    os.utime(val200)
+    assert run_in_subprocess(work, config, dryrun=True) == []
+    t0 = time.time()
+    val200.write_text(val200.read_text() + "\n")  # a new file to Snakemake, the same split to us
+    jobs = run_in_subprocess(work, config)
+    # val200's cache is rebuilt (and test's, which is checked against val200), every pack
+    # and final run reruns, and every cell is reused: the caches' content did not change
+    assert rules(jobs).count("cache_split") == 2 and rules(jobs).count("train_pack") == 3
+    assert cells_trained(work, t0) == {}
+
+    t0 = time.time()
+    lines = val200.read_text().splitlines()
+    path, label = lines[0].rsplit(" ", 1)
+    lines[0] = f"{path} {(int(label) + 1) % 10}"
+    val200.write_text("\n".join(lines) + "\n")
+    run_in_subprocess(work, config)
+    trained = cells_trained(work, t0)
+    assert set(trained) >= tuning and all(trained[c] == "val200 changed" for c in tuning)
+    finals = set(trained) - tuning  # the final runs read train800val200 and test: reused unless the choice changed
+    linear_final = json.loads((work / "results/tiny/finals/digits/linear.json").read_text())["cells"]
+    assert all(c["reused"] for c in linear_final)  # linear has one configuration: same choice, same cells
+    assert all(trained[c] == "not trained yet" for c in finals)
+
+    t0 = time.time()
+    ckpt = work / "results/tiny/backbone/vit_tiny_upstream.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(ckpt)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01  # other weights at the same path
+    save_file(weights, str(ckpt))
+    run_in_subprocess(work, config)
+    trained = cells_trained(work, t0)
+    assert len(trained) == 5 and set(trained.values()) == {"checkpoint changed"}
+
+
+def test_paths_with_spaces_and_shell_characters_are_used_literally(tmp_path):
+    """Every config-derived path reaches the shell quoted: `;` and `$()` in a path are just characters."""
+    work = tmp_path / "my runs; $(touch INJECTED) `touch INJECTED2`"
+    work.mkdir()
+    copy_code(work)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"]["root"] = "data/my data; $(touch INJECTED3)/vtab"
+    cfg["backbone"]["checkpoint"] = "results/tiny/back bone/ckpt $(x).safetensors"
+    cfg["datasets"]["digits"].pop("ood")
+    cfg.pop("robustness")
+    cfg["methods"] = {"linear": {}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    run_in_subprocess(work, work / "tiny.yaml")
+    assert (work / "reports/tiny/summary.md").is_file()
+    assert (work / "data/my data; $(touch INJECTED3)/vtab/digits/test.txt").is_file()
+    assert not [p for p in tmp_path.rglob("INJECTED*")], "a path was run as a shell command"
+    assert not list(Path.cwd().glob("INJECTED*"))
+
+
+def test_rerun_beside_a_surviving_job_never_writes_a_cell_twice(study, tmp_path):
+    """Kill Snakemake alone (its jobs survive), unlock, rerun: the rerun waits for the
+    surviving job's cell and reuses it instead of training it again."""
+    work, cfg = copy_study(study, tmp_path)
+    cfg["train"]["epochs"] = 60  # every cell is new and takes a while
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(REPO / "tests/workflow/smk.py"), str(work), str(work / "tiny.yaml")]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    logs = work / "logs/tiny/train_pack"
+    deadline, cell = time.monotonic() + 300, None
+    while cell is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no cell reached epoch 2"
+        for log in (p for p in logs.rglob("*.log") if p.is_file()):
+            text = log.read_text()
+            if "epoch 2/60" in text:
+                line = next(x for x in text.splitlines() if ": training (" in x)
+                cell = work / "results/tiny/cells" / line.split(":")[0]
+        time.sleep(0.1)
+    proc.kill()  # Snakemake only: its jobs keep running
+    proc.wait()
+    survivors = set(live_processes_in(work))
+    assert survivors, "the jobs did not survive Snakemake"
+    assert not (cell / "metrics.json").exists()
+
+    seen: set[tuple[int, int]] = set()
+    run_in_subprocess(work, work / "tiny.yaml", unlock=True)
+    rerun = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while rerun.poll() is None:  # every version of the cell's metrics.json that ever appears
+        try:
+            st = (cell / "metrics.json").stat()
+            seen.add((st.st_ino, st.st_mtime_ns))
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    assert rerun.returncode == 0
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert len(seen) == 1, "the cell was written twice"
+    assert metrics["pid"] in survivors  # written by the job that survived, not by the rerun
+    deadline = time.monotonic() + 120
+    while live_processes_in(work) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    results = pd.read_parquet(work / "reports/tiny/results.parquet")
+    assert len(results) == 5 and results["cell"].is_unique
