@@ -73,7 +73,14 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
         "precision": m.get("precision"),  # None for cells written before metrics.json had it
         "selected": stage == "tune" and m["cell"] in selected,
         "backbone": s["backbone"]["model"],
+        "schedule": s.get("schedule"),
+        "init": s.get("init"),
+        "interpolation": s.get("interpolation"),
     }
+    # data provenance: the content fingerprints of what the cell read (peft_core/fingerprint.py)
+    inputs = m.get("inputs") or {}
+    for role in ("train", "eval", "checkpoint"):
+        row[f"{role}_sha256"] = (inputs.get(role) or {}).get("sha256")
     row.update({f"hp_{k}": _scalar(v) for k, v in s["hparams"].items()})
     return row
 

@@ -320,7 +320,8 @@ def test_snakemake_report_zip(study):
 def cells_trained(work, since: float) -> dict[str, str]:
     """cell id -> why it trained, for every cell whose metrics.json was written after ``since``."""
     out = {}
-    for pack in (work / "results/tiny").glob("*s/digits/**/*.json"):  # packs/ and finals/ manifests
+    manifests = [*(work / "results/tiny/packs/digits").glob("*/*.json"), *(work / "results/tiny/finals/digits").glob("*.json")]
+    for pack in manifests:
         if pack.stat().st_mtime < since:
             continue
         for c in json.loads(pack.read_text())["cells"]:
