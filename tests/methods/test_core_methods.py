@@ -93,9 +93,10 @@ def test_no_state_leaks_between_models(name, hp):
     c.check_no_leak(name, **hp)
 
 
-def test_linear_is_not_mergeable_by_pretence():
-    # linear changes nothing in the backbone: merging is the identity and says so
-    assert get_method("linear").mergeable
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_is_not_mergeable_by_pretence(family):
+    # linear changes nothing in the backbone: its merge is a real one, plain timm keys and the same logits
+    c.check_merge(family, "linear")
 
 
 @pytest.mark.parametrize(

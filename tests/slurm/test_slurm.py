@@ -283,9 +283,11 @@ def test_cancelled_train_job_then_rerun_completes(slurm_cluster, reference, tmp_
             victim = next((j for j in train_jobs if _squeue_state(j) == "RUNNING"), None)
             time.sleep(0.5)
         assert victim is not None, f"no training job was seen RUNNING:\n{_tail(log1)}"
-        # let a cell of it start training (its log appears), so that the cancel interrupts real work
+        # let a cell of it start training (its log appears), so that the cancel interrupts real work;
+        # cancelling before that would only test a job that never started
         deadline = time.monotonic() + 60
-        while not list((work / "logs").glob("tiny/train_*/*/*/*.log")) and time.monotonic() < deadline:
+        while not list((work / "logs").glob("tiny/train_*/*/*/*.log")):
+            assert time.monotonic() < deadline, f"job {victim} RUNNING but no training log in 60 s:\n{_tail(log1)}"
             time.sleep(0.2)
         _sh("scancel", victim)
         deadline = time.monotonic() + 60

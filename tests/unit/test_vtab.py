@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from peft_core.cli import main
-from peft_core.vtab import DATASETS, SPLITS
+from peft_core.vtab import DATASETS
 
 N_TEST = 30
+REFERENCE_README = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "README.md"
 
 
 def fake_dataset(root: Path, name: str) -> None:
@@ -37,16 +39,39 @@ def check(root: Path, capsys, *extra: str) -> tuple[int, str]:
     return rc, capsys.readouterr().out
 
 
-def test_the_reference_table_has_19_data_sets():
-    assert len(DATASETS) == 19 and DATASETS["sun397"] == ("natural", 397) and DATASETS["patch_camelyon"][1] == 2
-    assert [g for g, _ in DATASETS.values()].count("structured") == 8
-    assert list(SPLITS) == ["train800", "val200", "train800val200", "test"]
+def reference_table() -> list[tuple[str, str, int]]:
+    """(data set, group, classes) as ../shared/reference/README.md lists them, in its order."""
+    if not REFERENCE_README.is_file():
+        pytest.skip(f"reference README not found at {REFERENCE_README} (../shared/reference)")
+    text = " ".join(REFERENCE_README.read_text().split())
+    listing = text.split("19 datasets (classes):", 1)[1].split(" - ", 1)[0]
+    rows = []
+    for group, names in re.findall(r"(Natural|Specialized|Structured): ([^;]*)", listing):
+        rows += [(name, group.lower(), int(n)) for name, n in re.findall(r"(\w+) \((\d+)\)", names)]
+    assert len(rows) == 19, listing  # the parse itself
+    return rows
+
+
+def test_the_table_is_the_reference_studys():
+    assert [(name, group, n) for name, (group, n) in DATASETS.items()] == reference_table()
+
+
+def test_class_counts_bound_the_labels(tmp_path, capsys):
+    """A data set's class count from the table is what labels are checked against (sun397: 0..396)."""
+    fake_dataset(tmp_path, "sun397")  # labels i % 397: 0..396 all used
+    assert main(["prepare-vtab", "--root", str(tmp_path), "--datasets", "sun397"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["sun397", "397"]
+    val = tmp_path / "sun397" / "val200.txt"
+    val.write_text(val.read_text().replace("images/0800.jpg 6\n", "images/0800.jpg 397\n"))
+    assert main(["prepare-vtab", "--root", str(tmp_path), "--datasets", "sun397"]) == 1
+    assert "sun397/val200: 1 labels outside 0..396, e.g. images/0800.jpg 397" in capsys.readouterr().out
 
 
 def test_a_correct_root_passes(root, capsys):
     rc, out = check(root, capsys, "--full")
     assert rc == 0, out
     assert "eurosat" in out and "kitti" in out and "problems:" not in out
+    assert out.splitlines()[0].split() == ["dataset", "classes", "train800", "val200", "train800val200", "test", "status"]
     assert out.splitlines()[2].split() == ["eurosat", "10", "800", "200", "1000", str(N_TEST), "ok"]
 
 
@@ -88,6 +113,11 @@ def test_default_is_all_19_and_absent_ones_are_reported(root, capsys):
     assert rc == 1
     assert f"cifar100/-: {root / 'cifar100'}: folder not found" in out
     assert sum(line.endswith("  ok") for line in out.splitlines()) == 2
+    # every data set of the reference table gets a row (with its class count), in the table's order
+    table = reference_table() if REFERENCE_README.is_file() else [(n, g, k) for n, (g, k) in DATASETS.items()]
+    names = {name for name, _, _ in table}
+    rows = [line.split()[:2] for line in out.splitlines()[2:] if line.split() and line.split()[0] in names]
+    assert rows == [[name, str(n)] for name, _, n in table]
 
 
 def test_unknown_data_set_and_missing_root_are_input_errors(root, tmp_path, capsys):

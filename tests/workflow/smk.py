@@ -1,7 +1,7 @@
 """Drive the workflow through ``snakemake.api`` and report which jobs ran.
 
 Run as a script in a fresh process (Snakemake and torch keep process-wide
-state): ``python tests/workflow/smk.py WORKDIR CONFIGFILE [--dryrun]`` prints
+state): ``python tests/workflow/smk.py WORKDIR CONFIGFILE [--dryrun] [--unlock] [--rerun-incomplete]`` prints
 one JSON list of ``{"rule": ..., "output": [...]}`` for the jobs scheduled.
 
 A workdir made by :func:`copy_code` holds its own copy of ``workflow/`` and
@@ -42,7 +42,9 @@ def copy_code(workdir: Path) -> None:
         shutil.copytree(REPO / name, workdir / name, ignore=ignore)
 
 
-def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2, unlock: bool = False) -> list[dict]:
+def run(
+    workdir: Path, configfile: Path, dryrun: bool, cores: int = 2, unlock: bool = False, rerun_incomplete: bool = False
+) -> list[dict]:
     own_code = (workdir / "workflow" / "Snakefile").is_file()
     snakefile = workdir / "workflow" / "Snakefile" if own_code else SNAKEFILE
     if own_code:
@@ -67,7 +69,7 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2, unlock: b
             snakefile=snakefile,
             workdir=workdir,
         )
-        dag = wf.dag(DAGSettings())
+        dag = wf.dag(DAGSettings(force_incomplete=rerun_incomplete))  # --rerun-incomplete, as the profiles set
         if unlock:  # what a user runs after a killed Snakemake: `snakemake --unlock`
             dag.unlock()
             return []
@@ -79,10 +81,15 @@ def run(workdir: Path, configfile: Path, dryrun: bool, cores: int = 2, unlock: b
 
 
 def run_in_subprocess(
-    workdir: Path, configfile: Path, dryrun: bool = False, timeout: float = 900, unlock: bool = False
+    workdir: Path,
+    configfile: Path,
+    dryrun: bool = False,
+    timeout: float = 900,
+    unlock: bool = False,
+    rerun_incomplete: bool = False,
 ) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), str(workdir), str(configfile)]
-    cmd += ["--dryrun"] * dryrun + ["--unlock"] * unlock
+    cmd += ["--dryrun"] * dryrun + ["--unlock"] * unlock + ["--rerun-incomplete"] * rerun_incomplete
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -91,6 +98,7 @@ def run_in_subprocess(
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    jobs = run(Path(args[0]), Path(args[1]), dryrun="--dryrun" in sys.argv, unlock="--unlock" in sys.argv)
+    jobs = run(Path(args[0]), Path(args[1]), dryrun="--dryrun" in sys.argv, unlock="--unlock" in sys.argv,
+               rerun_incomplete="--rerun-incomplete" in sys.argv)  # fmt: skip
     sys.stdout.flush()
     print(json.dumps(jobs))

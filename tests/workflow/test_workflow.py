@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from peft_core.config import load_study
+from peft_core.packs import CELL_FILES, group_into_packs, pack_id
 
 from .smk import REPO, copy_code, run_in_subprocess
 
@@ -273,32 +277,88 @@ def live_processes_in(work) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
+def new_packs(config: Path) -> list[dict]:
+    """The tuning packs of ``config``: their cells, log and manifest paths (relative to the workdir)."""
+    study = load_study(config)
+    packs = []
+    for method in study.method_names():
+        for cells in group_into_packs(study.tuning_cells("digits", method)):
+            pid = pack_id(cells)
+            packs.append({"cells": [f"results/tiny/cells/digits/{method}/{c.cell_id}" for c in cells],
+                          "log": f"logs/tiny/train_pack/digits/{method}/{pid}.log",
+                          "manifest": f"results/tiny/packs/digits/{method}/{pid}.json"})  # fmt: skip
+    return packs
+
+
 def test_kill_9_mid_cell_leaves_nothing_complete_and_the_rerun_finishes(study, tmp_path):
     work, cfg = copy_study(study, tmp_path)
     cfg["train"]["epochs"] = 40  # every cell is new and long enough to be caught mid-training
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    packs = new_packs(work / "tiny.yaml")
+    assert len(packs) == 3 and not any((work / p["manifest"]).exists() for p in packs)
     cmd = [sys.executable, str(REPO / "tests/workflow/smk.py"), str(work), str(work / "tiny.yaml")]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    logs = work / "logs/tiny/train_pack"
-    deadline = time.monotonic() + 300
-    while not any("epoch 2/40" in p.read_text() for p in logs.rglob("*.log") if p.is_file()):
-        assert proc.poll() is None and time.monotonic() < deadline, "no cell reached epoch 2"
+
+    def log_of(p: dict) -> str:
+        return (work / p["log"]).read_text() if (work / p["log"]).is_file() else ""
+
+    def last_epoch(p: dict) -> int:
+        return ([0] + [int(k) for k in re.findall(r"^epoch (\d+)/40 ", log_of(p), re.M)])[-1]
+
+    # The state to interrupt: one pack finished (its cell complete, its manifest written) while
+    # another is mid-training (past its first epoch, not at its last).
+    deadline = time.monotonic() + 600
+    while not (any((work / p["manifest"]).is_file() for p in packs) and any(2 <= last_epoch(p) < 40 for p in packs)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("no pack finished while another was mid-training:\n" + "\n".join(log_of(p)[-500:] for p in packs))
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # a forked cell notices its client is gone at once
-    assert live_processes_in(work) == []
+    # the fork server (its own session) sees its parent gone at its next 2 s poll; a forked cell, its client at once
+    deadline = time.monotonic() + 30
+    while live_processes_in(work) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {pid: _cmdline(pid) for pid in live_processes_in(work)}
+    assert left == {}, f"processes outlived the killed Snakemake by 30 s: {left}"
 
-    for method in ("linear", "lora"):  # a manifest exists only once every cell of its pack is complete
-        for m in manifests(work, method):
-            assert all((work / c["dir"] / "metrics.json").is_file() for c in m["cells"])
-    run_in_subprocess(work, work / "tiny.yaml", unlock=True)  # the user's `snakemake --unlock`
-    pending = run_in_subprocess(work, work / "tiny.yaml", dryrun=True)
-    assert any(j["rule"] == "train_pack" for j in pending)
+    finished = [p for p in packs if (work / p["manifest"]).is_file()]
+    interrupted = [p for p in packs if 0 < last_epoch(p) < 40]  # one cell a pack here: killed mid-training
+    assert finished and interrupted, ([p["log"] for p in finished], [p["log"] for p in interrupted])
+    # a manifest exists only once every cell of its pack is complete; a cell killed mid-training has no outputs
+    for p in finished:
+        assert all((work / c / name).is_file() for c in p["cells"] for name in CELL_FILES), p
+    for p in interrupted:
+        assert not any((work / c / name).exists() for c in p["cells"] for name in CELL_FILES), p
+    # and a cell with a metrics.json is complete (one that finished as its pack was cut off counts too)
+    done = [c for p in packs for c in p["cells"] if (work / c / "metrics.json").is_file()]
+    assert all((work / c / name).is_file() for c in done for name in CELL_FILES)
+    stamps = {c: (work / c / "metrics.json").stat().st_mtime_ns for c in done}
 
-    run_in_subprocess(work, work / "tiny.yaml")
+    # then the user's `snakemake --unlock` and the same command (the profiles set rerun-incomplete: a job
+    # Snakemake was killed before recording, e.g. a pack that had just written its manifest, runs again)
+    run_in_subprocess(work, work / "tiny.yaml", unlock=True)
+    pending = run_in_subprocess(work, work / "tiny.yaml", dryrun=True, rerun_incomplete=True)
+    rerun = {out for j in pending if j["rule"] == "train_pack" for out in j["output"]}
+    assert {p["manifest"] for p in packs if p not in finished} <= rerun, pending
+
+    run_in_subprocess(work, work / "tiny.yaml", rerun_incomplete=True)
     results = pd.read_parquet(work / "reports/tiny/results.parquet")
     assert len(results) == 5 and results["cell"].is_unique  # 3 tuning + 2 final cells, none lost or doubled
+    assert {c: (work / c / "metrics.json").stat().st_mtime_ns for c in stamps} == stamps  # finished cells kept
+    for p in packs:  # a rerun pack reused every cell that had finished, and trained the rest
+        if p["manifest"] in rerun:
+            rows = json.loads((work / p["manifest"]).read_text())["cells"]
+            assert [r["reused"] for r in rows] == [c in stamps for c in p["cells"]], (p, rows)
+    assert all((work / c / "metrics.json").is_file() for p in packs for c in p["cells"])
     assert run_in_subprocess(work, work / "tiny.yaml", dryrun=True) == []
 
 
