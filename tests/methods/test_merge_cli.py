@@ -46,7 +46,9 @@ def test_merged_cell_loads_in_plain_timm_and_predicts_the_same(tmp_path, monkeyp
 
 
 def test_non_mergeable_method_says_so(tmp_path, monkeypatch):
-    pytest.importorskip("peft_core.methods.vpt_deep")
+    from peft_core.methods import get_method
+
+    assert not get_method("vpt_deep").mergeable
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cell").mkdir()
     (tmp_path / "cell" / "spec.json").write_text(toycell.spec("vpt_deep", {}).canonical_json())

@@ -457,31 +457,49 @@ def test_paths_with_spaces_and_shell_characters_are_used_literally(tmp_path):
 
 def test_rerun_beside_a_surviving_job_never_writes_a_cell_twice(study, tmp_path):
     """Kill Snakemake alone (its jobs survive), unlock, rerun: the rerun waits for the
-    surviving job's cell and reuses it instead of training it again."""
+    surviving job's cell and reuses it instead of training it again.
+
+    The survivors are paused (SIGSTOP) until the rerun's job has reached the cell, so the
+    two jobs overlap on every machine, however fast; then they go on (SIGCONT)."""
     work, cfg = copy_study(study, tmp_path)
-    cfg["train"]["epochs"] = 60  # every cell is new and takes a while
+    cfg["train"]["epochs"] = 20  # every cell is new
+    cfg["methods"] = {"linear": {}}  # one pack, one final run
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(REPO / "tests/workflow/smk.py"), str(work), str(work / "tiny.yaml")]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     logs = work / "logs/tiny/train_pack"
-    deadline, cell = time.monotonic() + 300, None
+    deadline, cell, log = time.monotonic() + 300, None, None
     while cell is None:
         assert proc.poll() is None and time.monotonic() < deadline, "no cell reached epoch 2"
-        for log in (p for p in logs.rglob("*.log") if p.is_file()):
-            text = log.read_text()
-            if "epoch 2/60" in text:
+        for path in (p for p in logs.rglob("*.log") if p.is_file()):
+            text = path.read_text()
+            if "epoch 2/20" in text:
                 line = next(x for x in text.splitlines() if ": training (" in x)
-                cell = work / "results/tiny/cells" / line.split(":")[0]
-        time.sleep(0.1)
+                cell, log = work / "results/tiny/cells" / line.split(":")[0], path
+        time.sleep(0.05)
     proc.kill()  # Snakemake only: its jobs keep running
     proc.wait()
     survivors = set(live_processes_in(work))
     assert survivors, "the jobs did not survive Snakemake"
+    for pid in survivors:
+        os.kill(pid, signal.SIGSTOP)
     assert not (cell / "metrics.json").exists()
 
     seen: set[tuple[int, int]] = set()
-    run_in_subprocess(work, work / "tiny.yaml", unlock=True)
-    rerun = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run_in_subprocess(work, work / "tiny.yaml", unlock=True)
+        rerun = subprocess.Popen(cmd + ["--rerun-incomplete"], cwd=work, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while "another job is writing this cell; waiting for it" not in log.read_text(errors="replace"):
+            assert rerun.poll() is None and time.monotonic() < deadline, "the rerun did not wait for the cell"
+            time.sleep(0.1)
+    finally:
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     while rerun.poll() is None:  # every version of the cell's metrics.json that ever appears
         try:
             st = (cell / "metrics.json").stat()
@@ -493,8 +511,9 @@ def test_rerun_beside_a_surviving_job_never_writes_a_cell_twice(study, tmp_path)
     metrics = json.loads((cell / "metrics.json").read_text())
     assert len(seen) == 1, "the cell was written twice"
     assert metrics["pid"] in survivors  # written by the job that survived, not by the rerun
+    assert f"{cell.parent.parent.name}/{cell.parent.name}/{cell.name}: reused" in log.read_text(errors="replace")
     deadline = time.monotonic() + 120
     while live_processes_in(work) and time.monotonic() < deadline:
         time.sleep(0.5)
     results = pd.read_parquet(work / "reports/tiny/results.parquet")
-    assert len(results) == 5 and results["cell"].is_unique
+    assert len(results) == 2 and results["cell"].is_unique  # 1 tuning + 1 final cell
