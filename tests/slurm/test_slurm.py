@@ -198,9 +198,13 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
     work = tmp_path / "slurm"
     work.mkdir()
     # One (fake) GPU per cell: compute.train.gpu must reach sbatch as --gpus. A cell's
-    # identity does not include compute resources, so the cells are the local run's.
+    # identity does not include compute resources, so the cells are the local run's. The
+    # precision is: `auto` resolves to bf16 for GPU jobs (another cell id), but this
+    # cluster's GPUs are fake and the jobs run on the CPU, so it is pinned to fp32,
+    # what the local run resolves `auto` to.
     cfg = yaml.safe_load(TINY.read_text())
     cfg["compute"]["train"]["gpu"] = 1
+    cfg["train"]["precision"] = "fp32"
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "snakemake.log"
     t0 = time.monotonic()
