@@ -383,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, required=True)
     s.add_argument("--num-classes", type=int, required=True)
     s.add_argument("--layout", default="vtab", choices=["vtab", "imagefolder", "csv"], help="see peft_core/data.py")
+    # the names of config.INTERPOLATIONS, spelled out: importing config (pydantic) here would
+    # slow every command's start, the fork-server client's included
     s.add_argument("--interpolation", default="bicubic", help="PIL resize filter (bicubic: the reference protocol's)",
                    choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"])  # fmt: skip
     s.add_argument("--disjoint-from", action="append", default=[], metavar="SPLIT",

@@ -34,13 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import INTERPOLATIONS  # PIL resampling filters (``PIL.Image.Resampling`` members, lower case)
 from .errors import InputError
 from .hygiene import shared_images
 from .results import _atomic, write_text
 
 LAYOUTS = ("vtab", "imagefolder", "csv")
-# PIL resampling filters (``PIL.Image.Resampling`` members, lower case).
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
 
@@ -264,7 +263,7 @@ def _read_cache(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)  # memory-mapped until copied
+            return load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
             raise InputError(f"{path}: not a readable data cache ({err})") from None
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

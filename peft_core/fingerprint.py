@@ -23,7 +23,6 @@ import json
 import os
 from pathlib import Path
 
-from .data import cache_fingerprint
 from .errors import InputError
 from .results import write_json
 
@@ -76,6 +75,8 @@ def cell_inputs(
 ) -> dict[str, dict[str, str | None]]:
     """The ``inputs`` record of a cell: the content fingerprint of each data cache it
     reads and the sha256 of its checkpoint (``memo_dir``: where checkpoint digests are memoised)."""
+    from .data import cache_fingerprint  # data imports this module (hygiene's file hashes)
+
     return {
         "train": {"split": train_split, "sha256": cache_fingerprint(train_data)},
         "eval": {"split": eval_split, "sha256": cache_fingerprint(eval_data)},

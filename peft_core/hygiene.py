@@ -8,23 +8,11 @@ in both listings are hashed, so disjoint splits cost one ``stat`` per image.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import InputError
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise InputError(f"{path}: image file not found") from None
-    return h.hexdigest()
+from .fingerprint import sha256_file
 
 
 def _paths(entries: Iterable[Path | tuple[Path, int]]) -> list[Path]:
@@ -57,8 +45,8 @@ def shared_images(
     by_digest: dict[str, Path] = {}
     for p, s in zip(b, size_b):
         if s in common:
-            by_digest.setdefault(file_sha256(p), p)
+            by_digest.setdefault(sha256_file(p), p)
     for p, s in zip(a, size_a):
-        if s in common and (q := by_digest.get(file_sha256(p))) is not None:
+        if s in common and (q := by_digest.get(sha256_file(p))) is not None:
             return p, q
     return None

@@ -256,3 +256,12 @@ def test_shared_images_is_a_pure_check(tmp_path):
     assert shared_images(a, [*b, tmp_path / "copy.png"]) == (a[1], tmp_path / "copy.png")
     with pytest.raises(InputError, match="gone.png: image file not found"):
         shared_images(a, [tmp_path / "gone.png"])
+
+
+def test_cli_interpolation_choices_are_the_configs():
+    from peft_core.cli import parser
+    from peft_core.config import INTERPOLATIONS
+
+    cache = parser()._subparsers._group_actions[0].choices["cache"]
+    action = next(a for a in cache._actions if a.dest == "interpolation")
+    assert tuple(action.choices) == INTERPOLATIONS
