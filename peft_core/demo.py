@@ -14,6 +14,8 @@ and saved as a local checkpoint that is then loaded like any real one.
 
 from __future__ import annotations
 
+import json
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -252,30 +254,86 @@ def write_shifted_folder(name: str, root: str | Path, split: str = "test") -> Pa
 # ----------------------------------------------------------------- upstream task
 
 UPSTREAM_SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-UPSTREAM_COLOURS = np.array(
-    [[0.9, 0.15, 0.1], [0.15, 0.8, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1]], dtype=np.float32
-)
+#: attribute -> number of classes. The upstream model predicts all of them at once
+#: (one softmax per attribute over slices of a single head), as a multi-task
+#: stand-in for ImageNet's many visual concepts: shape, colour, size, position,
+#: background kind and the orientation of the background's pattern.
+UPSTREAM_ATTRIBUTES: dict[str, int] = {
+    "shape": len(UPSTREAM_SHAPES),
+    "hue": 8,
+    "size": 3,
+    "position": 4,
+    "background": 4,
+    "bg_orientation": 4,
+}
+#: label of an attribute that an image does not have (flat and blocky backgrounds have no orientation)
+NO_LABEL = -100
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    import colorsys
+
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _upstream_background(rng: np.random.Generator, kind: int, orientation: int) -> np.ndarray:
+    c1, c2 = _colour(rng, 0.0, 0.6), _colour(rng, 0.0, 0.6)
+    angle = (orientation + rng.uniform(0.1, 0.9)) * np.pi / 4
+    u = _xx * np.cos(angle) + _yy * np.sin(angle)
+    if kind == 0:  # flat
+        return np.broadcast_to(c1, (SIZE, SIZE, 3))
+    if kind == 1:  # linear gradient
+        g = ((u / SIZE + 0.7) / 1.4)[:, :, None]
+        return c1 * g + c2 * (1 - g)
+    if kind == 2:  # grating
+        f = rng.uniform(2, 5) * 2 * np.pi / SIZE
+        return np.where((np.sin(f * u + rng.uniform(0, 2 * np.pi)) > 0)[:, :, None], c1, c2)
+    blocks = rng.uniform(0, 0.6, (4, 4, 3)).astype(np.float32)  # 4 x 4 colour blocks
+    return np.kron(blocks, np.ones((SIZE // 4, SIZE // 4, 1), np.float32))
+
+
+def upstream_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """One upstream image and its label for each of :data:`UPSTREAM_ATTRIBUTES`."""
+    shape, hue, size, pos, kind, orient = (int(rng.integers(n)) for n in UPSTREAM_ATTRIBUTES.values())
+    img = np.array(_upstream_background(rng, kind, orient), dtype=np.float32)
+    r = (3.0, 5.0, 7.0)[size] * rng.uniform(0.9, 1.1)
+    cx = (8 if pos % 2 == 0 else 24) + rng.uniform(-3, 3)
+    cy = (8 if pos < 2 else 24) + rng.uniform(-3, 3)
+    mask = _shape_mask(UPSTREAM_SHAPES[shape], cx, cy, r, rng.uniform(0, np.pi))
+    _paint(img, mask, _hsv((hue + rng.uniform(-0.3, 0.3)) / 8, rng.uniform(0.6, 1), rng.uniform(0.75, 1)))
+    labels = [shape, hue, size, pos, kind, orient if kind in (1, 2) else NO_LABEL]
+    return _finish(img, rng), labels
 
 
 def upstream_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Shape (6) x colour (4) = 24 classes, random pose, on striped or noisy backgrounds."""
+    """``n`` upstream images (uint8 [n, S, S, 3]) and labels (int64 [n, len(UPSTREAM_ATTRIBUTES)]).
+
+    Distinct from every downstream set: no digits, textures of other families,
+    no cell-like blobs, no bars at fixed angles (shapes are rotated at random).
+    """
     rng = np.random.default_rng(10_000 + seed)
-    n_cls = len(UPSTREAM_SHAPES) * len(UPSTREAM_COLOURS)
-    labels = np.arange(n) % n_cls
-    rng.shuffle(labels)
-    out = np.empty((n, SIZE, SIZE, 3), np.uint8)
-    for i, y in enumerate(labels):
-        shape, colour = UPSTREAM_SHAPES[y // len(UPSTREAM_COLOURS)], UPSTREAM_COLOURS[y % len(UPSTREAM_COLOURS)]
-        if rng.random() < 0.5:
-            f = rng.uniform(1.5, 5) * 2 * np.pi / SIZE
-            a = rng.uniform(0, np.pi)
-            t = np.sin(f * (_xx * np.cos(a) + _yy * np.sin(a))) > 0
-            bg = np.where(t[:, :, None], _colour(rng, 0, 0.6), _colour(rng, 0, 0.6))
-        else:
-            bg = np.broadcast_to(_colour(rng, 0, 0.6), (SIZE, SIZE, 3))
-        img = np.array(bg, dtype=np.float32)
-        cx, cy = rng.uniform(9, 23, 2)
-        mask = _shape_mask(shape, cx, cy, rng.uniform(4.5, 8.0), rng.uniform(0, np.pi))
-        _paint(img, mask, np.clip(colour + rng.normal(0, 0.07, 3), 0, 1))
-        out[i] = _finish(img, rng)
-    return out, labels.astype(np.int64)
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    labels = np.empty((n, len(UPSTREAM_ATTRIBUTES)), np.int64)
+    for i in range(n):
+        images[i], labels[i] = upstream_scene(rng)
+    return images, labels
+
+
+def upstream_metadata(path: str | Path) -> dict[str, object] | None:
+    """The upstream accuracies stored in a demo checkpoint's header; None for other files.
+
+    Reads the safetensors header only (8-byte length, then JSON), so reports need no torch.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    meta = header.get("__metadata__", {})
+    if "upstream_accuracy" not in meta:
+        return None
+    acc = json.loads(meta["upstream_accuracy"])
+    if not isinstance(acc, dict):  # written by an older demo: one number
+        acc = {"mean": float(acc)}
+    return {"accuracy": acc, "images": int(meta.get("upstream_images", 0)) or None}

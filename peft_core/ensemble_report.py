@@ -39,6 +39,7 @@ import pandas as pd
 
 from . import ensembles as ens
 from .errors import InputError
+from .findings import ensemble_findings, findings_html, findings_markdown
 from .report import CSS, _fmt, _html_table, _md_table
 from .results import PREDICTIONS, read_json, write_parquet, write_text
 
@@ -299,6 +300,7 @@ def render_markdown(study: str, ensembles: pd.DataFrame, diversity: pd.DataFrame
     per = per_dataset_summary(ensembles)
     avg = averaged_summary(per)
     lines = [f"# {study}: prediction diversity and ensembles of PEFT methods", "", DEFINITIONS.format(q=q, val=val_split), ""]
+    lines += findings_markdown(ensemble_findings(per))
     lines += ["## Ensemble vs best single method, averaged over data sets (accuracy %, gain in points)", ""]
     rows = [
         [r.selection, r.rule, r.split, str(r.datasets), _pct(r.accuracy), _pct(r.best_single), _signed(r.gain), f"{r.wins}/{r.datasets}"]
@@ -420,6 +422,7 @@ def render_html(study: str, ensembles: pd.DataFrame, diversity: pd.DataFrame, q:
 <body>
 <h1>{html.escape(study)}: prediction diversity and ensembles of PEFT methods</h1>
 <p class="note">{_md_inline(DEFINITIONS.format(q=q, val=val_split))}</p>
+{findings_html(ensemble_findings(per))}
 <h2>Ensemble vs best single method, averaged over data sets</h2>
 {_html_table(avg_shown.rename(columns=rename))}
 <h2>Per data set (test rows: mean over seeds)</h2>

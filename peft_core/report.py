@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from .config import Study
+from .demo import upstream_metadata
+from .findings import Finding, convergence_frame, findings_html, findings_markdown, study_findings
 from .published import PUBLISHED_AS, published_frame, tuned_values  # noqa: F401 (re-exported)
 from .results import METRICS, SPEC, read_json, write_parquet, write_text
 from .summary import (  # noqa: F401 (rank_frame, summary_frame: re-exported)
@@ -69,6 +71,8 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
         "peak_memory_mb": m["peak_memory_mb"],
         "wall_time_s": m["wall_time_s"],
         "train_s": m["train_s"],
+        "final_train_loss": m.get("final_train_loss", math.nan),
+        "final_train_accuracy": m.get("final_train_accuracy", math.nan),  # cells before it was recorded: NaN
         "device": m["device"],
         "precision": m.get("precision"),  # None for cells written before metrics.json had it
         "selected": stage == "tune" and m["cell"] in selected,
@@ -165,6 +169,8 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     if info["deviations"]:
         lines += ["Deviations from the reference implementation:", ""]
         lines += [f"- {m}: {d}" for m, devs in info["deviations"].items() for d in devs] + [""]
+    lines += _upstream_lines(study)
+    lines += findings_markdown(study_findings(per, summ, sel, results, study))
     lines += ["## Test accuracy", ""]
     header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Coverage", "Params (M)", "PPT", "Mean rank"]
     rows = [
@@ -183,6 +189,7 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         _md_table(["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread"], srows, 3),
         "",
     ]
+    lines += _convergence_lines(convergence_frame(results))
     div = results[results.status != "ok"]
     short = per[per.seeds_ok < per.seeds_total]
     lines += [
@@ -199,6 +206,46 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
             f"{r.dataset}/{r.method} {int(r.seeds_ok)}/{int(r.seeds_total)} ok ({int(r.diverged)} diverged)"
             for r in short.itertuples()) + ".", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def upstream_text(study: Study) -> str | None:
+    """One sentence on how the demo backbone was pre-trained and how well (None for real checkpoints)."""
+    pre = study.cfg.backbone.pretrain
+    meta = upstream_metadata(study.cfg.backbone.checkpoint) if pre is not None else None
+    if meta is None:
+        return None
+    acc = meta["accuracy"]
+    parts = ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items() if k != "mean")
+    mean = f"mean {100 * acc['mean']:.1f} %" if "mean" in acc else ""
+    return (
+        f"Backbone pre-trained on the demo's upstream task ({pre.images} images x {pre.epochs} epochs, "
+        f"distinct from every downstream data set): held-out accuracy {mean}" + (f" ({parts})" if parts else "") + "."
+    )
+
+
+def _upstream_lines(study: Study) -> list[str]:
+    text = upstream_text(study)
+    return [text, ""] if text else []
+
+
+def _convergence_lines(conv: pd.DataFrame) -> list[str]:
+    if conv.empty or conv.final_train_accuracy.isna().all():
+        return []
+    piv = conv.pivot(index="method", columns="dataset", values="final_train_accuracy")
+    loss = conv.pivot(index="method", columns="dataset", values="final_train_loss")
+    methods = list(dict.fromkeys(conv.method))
+    datasets = list(dict.fromkeys(conv.dataset))
+    rows = [[m, *[f"{piv.at[m, d]:.0f} / {loss.at[m, d]:.2f}" if not math.isnan(piv.at[m, d]) else HOLE for d in datasets]]
+            for m in methods]  # fmt: skip
+    return [
+        "## Convergence (final runs, last epoch)",
+        "",
+        "Training accuracy (%) / loss over the last epoch's batches, in training mode (dropout and drop-path on), "
+        "mean over the final seeds: an under-trained method shows here before it shows in the test table.",
+        "",
+        _md_table(["method", *datasets], rows),
+        "",
+    ]
 
 
 def _published_lines(
@@ -326,6 +373,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}p.note{color:#57606a;max-width:60rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{padding:.3rem .55rem;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}td.best{font-weight:700;background:#dafbe1}
+li.holds::marker{content:"✓ ";color:#1a7f37}li.fails::marker{content:"✗ ";color:#cf222e}
 svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}svg .front{fill:none;stroke:#cf222e;stroke-width:1.5;stroke-dasharray:4 3}svg .bar{fill:#d0d7de}
 """
 
@@ -405,6 +453,8 @@ def render_html(results: pd.DataFrame, study: Study) -> str:
         columns={"val_accuracy": "val acc (%)", "trainable_params": "trainable", "weight_decay": "wd"}
     ).assign(lr=lambda f: f.lr.map("{:g}".format), wd=lambda f: f.wd.map("{:g}".format))
     sel_shown["trainable"] = sel_shown.trainable.map("{:,}".format)
+    extra = _findings_html(study, study_findings(per, summ, sel, results, study))
+    conv = _convergence_html(convergence_frame(results))
     more = (
         '<p class="note">Prediction diversity and ensembles of these methods: '
         '<a href="ensembles.html">ensembles.html</a>.</p>'
@@ -422,6 +472,7 @@ Final seeds: {info["seeds"]}. Precision: {html.escape(info["precision"])}.</p>
 Configurations selected by accuracy on <code>{cfg.data.tune_eval}</code> (never on test).
 Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1)). Best value per column (complete methods) in bold.</p>
 {deviations}
+{extra}
 <h2>Test accuracy, group means, parameters and PPT</h2>
 {_summary_html(summ, per, datasets, groups)}
 <h2>Accuracy vs trainable parameters</h2>
@@ -439,10 +490,32 @@ dots are data sets, bars their mean. A large spread means the method needs its t
 {_svg_sensitivity(sel, study.method_names())}
 <h2>Selected configurations</h2>
 {_html_table(sel_shown)}
+{conv}
 <p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>
 {more}
 </body></html>
 """
+
+
+def _findings_html(study: Study, findings: list[Finding]) -> str:
+    up = upstream_text(study)
+    return (f'<p class="note">{html.escape(up)}</p>' if up else "") + findings_html(findings)
+
+
+def _convergence_html(conv: pd.DataFrame) -> str:
+    if conv.empty or conv.final_train_accuracy.isna().all():
+        return ""
+    acc = conv.pivot(index="method", columns="dataset", values="final_train_accuracy")
+    loss = conv.pivot(index="method", columns="dataset", values="final_train_loss")
+    order = list(dict.fromkeys(conv.method))
+    acc, loss = acc.loc[order, list(dict.fromkeys(conv.dataset))], loss.loc[order, list(dict.fromkeys(conv.dataset))]
+    text = acc.combine(loss, lambda a, b: [HOLE if math.isnan(x) else f"{x:.0f} / {y:.2f}" for x, y in zip(a, b)])
+    frame = acc.reset_index()
+    return (
+        "<h2>Convergence (final runs, last epoch)</h2>"
+        '<p class="note">Training accuracy (%) / loss over the last epoch, training mode, mean over final seeds.</p>'
+        + _html_table(frame, text=text.reset_index())
+    )
 
 
 def results_table(results: pd.DataFrame, per: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .findings import findings_html, findings_markdown, robustness_findings
 from .report import CSS, _fmt, _html_table, _md_table
 from .robustness import ID_SET, ROW_COLUMNS
 from .results import write_parquet, write_text
@@ -71,6 +72,7 @@ def render_markdown(study: str, rows: pd.DataFrame) -> str:
     curves = curve_frame(rows)
     split = ", ".join(sorted(set(rows[rows.eval_set == ID_SET].split))) or "test"
     lines = [f"# {study}: robustness under distribution shift (WiSE-FT)", "", EXPLAIN.format(split=split), ""]
+    lines += findings_markdown(robustness_findings(curves, ID_SET, chance_of(rows)))
     for dataset in dict.fromkeys(rows.dataset):
         ood = _ood_sets(rows, dataset)
         named = ", ".join(f"`{s}` ({_split_of(rows, dataset, s)})" for s in ood)
@@ -86,6 +88,12 @@ def render_markdown(study: str, rows: pd.DataFrame) -> str:
         lines += [_md_table(header, body, 1), ""]
     lines += ["Per seed: `robustness.parquet` (columns: " + ", ".join(ROW_COLUMNS) + ").", ""]
     return "\n".join(lines)
+
+
+def chance_of(rows: pd.DataFrame) -> dict[str, float]:
+    """Chance accuracy (%) of each data set's in-distribution test set."""
+    ident = rows[rows.eval_set == ID_SET].drop_duplicates("dataset")
+    return {r.dataset: 100.0 / r.n_classes for r in ident.itertuples()}
 
 
 def _ticks(lo: float, hi: float) -> list[float]:
@@ -194,6 +202,7 @@ def render_html(study: str, rows: pd.DataFrame) -> str:
 <body>
 <h1>{html.escape(study)}: robustness under distribution shift (WiSE-FT)</h1>
 <p class="note">{explain}</p>
+{findings_html(robustness_findings(curves, ID_SET, chance_of(rows)))}
 {"".join(sections)}
 <p class="note">Per seed: <code>robustness.parquet</code>.</p>
 </body></html>

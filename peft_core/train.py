@@ -120,6 +120,8 @@ class Outcome:
     status: str = "ok"
     diverged_epoch: int | None = None
     final_loss: float = float("nan")
+    #: accuracy on the last epoch's training batches, in train mode (dropout and drop-path on)
+    final_accuracy: float = float("nan")
     images: int = 0
 
 
@@ -230,20 +232,24 @@ def train(
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen).to(x.device)
         loss_sum = torch.zeros((), device=x.device)
+        correct = torch.zeros((), device=x.device, dtype=torch.long)
         for start in range(0, n, spec.batch_size):
             idx = order[start : start + spec.batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, spec)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(fwd(to_float(x[idx], spec.normalize)), y[idx])
+                logits = fwd(to_float(x[idx], spec.normalize))
+                loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach() * idx.numel()
+            correct += (logits.detach().argmax(1) == y[idx]).sum()
             step += 1
         out.images += n
         epoch_loss = float(loss_sum) / n  # one host sync per epoch
         out.final_loss = epoch_loss
+        out.final_accuracy = int(correct) / n
         log(f"epoch {epoch + 1}/{spec.epochs} loss {epoch_loss:.4f} {n / (time.perf_counter() - t0):.0f} img/s")
         if not math.isfinite(epoch_loss):
             out.status, out.diverged_epoch = "diverged", epoch + 1
@@ -346,6 +352,7 @@ def run_cell(
         "accuracy": accuracy,
         "n_eval": int(len(labels)),
         "final_train_loss": outcome.final_loss,
+        "final_train_accuracy": outcome.final_accuracy,
         "trainable_params": trainable,
         "head_params": count_head(model),
         "params_excl_head": count_backbone(model),  # frozen backbone + the method's modules

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peft_core.errors import InputError
 from peft_core.methods import get_method
@@ -130,3 +131,26 @@ def test_parameter_table_in_docs_is_up_to_date():
     assert (repo / "docs" / "method_params.md").read_text() == render(
         "vit_base_patch16_224", repo / "config" / "method_grids"
     ), "regenerate: peft-core param-table --out docs/method_params.md"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_batchnorm_probe_trains_head_only_and_folds_into_a_plain_head(family):
+    """MAE's probe: a parameter-free BatchNorm before the head; merge folds it into the head exactly."""
+    import copy
+
+    base = c.tiny_model(family)
+    model = c.apply(copy.deepcopy(base), "linear", norm="batchnorm")
+    assert c.trainable_count(model) == 0
+    c.check_gradients(model, expected=set())
+    x = c.image_batch(base, n=8)
+    model.train()
+    for _ in range(3):  # running statistics away from (0, 1), as after training
+        model(x * 3 + 1)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    merged = get_method("linear").merge(model)
+    plain = c.tiny_model(family, seed=99)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        assert (plain.eval()(x) - before).abs().max().item() <= 1e-5
