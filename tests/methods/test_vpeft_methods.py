@@ -1,0 +1,198 @@
+"""The V-PEFT Bench methods (arXiv 2402.02242) held to the shared method contract.
+
+Counts are checked twice: against the closed-form formula in each module's
+docstring, and against V-PEFT Bench's published params column
+(config/published/vpeft_bench_{vtab1k,fgvc}.csv) at the setting each
+docstring names, to the table's rounding (two decimals, in millions).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from torch import nn
+
+from peft_core.methods import get_method
+
+from . import checks as c
+
+ROOT = Path(__file__).resolve().parents[2]
+GRIDS = ROOT / "config" / "method_grids"
+PUBLISHED = ROOT / "config" / "published"
+FAMILIES = list(c.BACKBONES)
+METHODS = ["hydra"]
+MERGEABLE = ["hydra"]
+# Mean head size of the 19 VTAB-1k data sets (940 classes in all) and of the 5 FGVC ones
+# (CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196), weight + bias on ViT-B/16's 768 features:
+# the tables that count the head count it per data set, so their average is this.
+VTAB_MEAN_HEAD = 769 * 940 / 19
+FGVC_MEAN_HEAD = 769 * (200 + 555 + 102 + 120 + 196) / 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def vit_b16_shapes() -> nn.Module:
+    with torch.device("meta"):
+        return c.vit_b16()
+
+
+def _ids(v):
+    return "-".join(map(str, v.values())) if isinstance(v, dict) else str(v)
+
+
+# ---------------------------------------------------------------- parameter counts
+COUNTS = [
+    # hydra: 101,424 r + 36,864 (module docstring)
+    ("hydra", {"rank": 2}, 239_712),
+    ("hydra", {"rank": 1}, 138_288),
+    ("hydra", {"rank": 8}, 848_256),
+]
+
+
+@pytest.mark.parametrize("name, hp, expected", COUNTS, ids=_ids)
+def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
+    assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
+
+
+@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2})], ids=_ids)
+def test_meta_count_equals_real_vit_b16(name, hp):
+    real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
+    assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
+
+
+# our method, its hyper-parameters, published table, its row, head added to match its convention
+PUBLISHED_COUNTS = [
+    ("hydra", {"rank": 2}, "vtab1k", "Hydra", VTAB_MEAN_HEAD),
+]
+
+
+@pytest.mark.parametrize("name, hp, table, row, head", PUBLISHED_COUNTS, ids=lambda v: _ids(v) if not isinstance(v, float) else "")
+def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
+    published = pd.read_csv(PUBLISHED / f"vpeft_bench_{table}.csv").set_index("method")
+    ours = c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) + head
+    assert round(ours / 1e6, 2) == pytest.approx(float(published.loc[row, "params_m"]))
+
+
+# ---------------------------------------------------------------- gradients
+GRAD_CASES = [(f, "hydra", {"rank": 2}) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
+def test_every_trainable_tensor_learns(family, name, hp):
+    c.check_gradients(c.apply(c.tiny_model(family), name, **hp))
+
+
+def test_hydra_trains_only_its_branches():
+    model = c.apply(c.tiny_model("dinov2_reg"), "hydra", rank=2)
+    expected = {
+        f"blocks.{i}.{lin}.{branch}.{layer}.{t}"
+        for i in range(4)
+        for lin in ("attn.proj", "mlp.fc2")
+        for branch in ("parallel", "sequential")
+        for layer in ("down", "up")
+        for t in ("weight", "bias")
+    }
+    c.check_gradients(model, expected=expected)
+
+
+# ---------------------------------------------------------------- identity and merge
+IDENTITY_CASES = [(f, "hydra", {"scale": 4.5}) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family, name, hp", IDENTITY_CASES, ids=_ids)
+def test_identity_at_init(family, name, hp):
+    c.check_identity_at_init(family, name, **hp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merged_equals_unmerged(family, name):
+    c.check_merge(family, name)
+
+
+def test_hydra_block_output_by_hand():
+    base = c.tiny_model("vit")
+    peft = c.apply(copy.deepcopy(base), "hydra", rank=2, scale=0.7)
+    c.randomize_new_params(peft, base)
+    peft.eval()
+    lin = peft.blocks[1].mlp.fc2
+    x = torch.randn(2, 5, lin.base.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = x @ lin.base.weight.T + lin.base.bias
+        par = lin.parallel.up(lin.parallel.down(x))
+        seq = lin.sequential.up(lin.sequential.down(h))
+        assert torch.allclose(lin(x), h + 0.7 * (par + seq), atol=1e-6)
+
+
+def test_hydra_merge_without_base_bias():
+    base = c.tiny_model("vit")
+    for block in base.blocks:
+        block.attn.proj.bias = None
+    peft = c.apply(copy.deepcopy(base), "hydra", rank=2)
+    assert peft.blocks[0].attn.proj.parallel.up.bias is None
+    c.randomize_new_params(peft, base)
+    x = c.image_batch(base)
+    peft.eval()
+    with torch.no_grad():
+        before = peft(x)
+        after = get_method("hydra").merge(peft)(x)
+    assert (before - after).abs().max().item() < 1e-5
+    assert set(peft.state_dict()) == set(base.state_dict())
+
+
+# ---------------------------------------------------------------- contract
+@pytest.mark.parametrize("name", METHODS)
+def test_no_state_leaks_between_models(name):
+    c.check_no_leak(name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_registry_entry(name):
+    method = get_method(name)
+    assert method.mergeable == (name in MERGEABLE)
+    assert method.summary and len(method.summary) < 110
+    for field, info in method.hparams.model_fields.items():
+        assert info.description, f"{name}.{field} has no description"
+    doc = method.source.read_text().split('"""')[1]
+    assert "arXiv" in doc or "github" in doc.lower() or "repository" in doc
+
+
+BAD = [
+    ("hydra", {"rank": 0}, "rank"),
+    ("hydra", {"scale": 0}, "scale"),
+    ("hydra", {"dropout": 1.0}, "dropout"),
+    ("hydra", {"dim": 2}, "dim"),
+]
+
+
+@pytest.mark.parametrize("name, hp, field", BAD, ids=_ids)
+def test_bad_hyper_parameters_name_the_field(name, hp, field):
+    with pytest.raises(ValidationError) as err:
+        get_method(name).hparams(**hp)
+    assert field in str(err.value)
+
+
+# ---------------------------------------------------------------- grids
+@pytest.mark.parametrize("name", METHODS)
+def test_every_grid_point_builds_the_hparams_and_the_study_uses_the_grid(name):
+    grid = yaml.safe_load((GRIDS / f"{name}.yaml").read_text())
+    hparams = get_method(name).hparams
+    assert set(grid) <= set(hparams.model_fields)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    assert len({hparams(**p) for p in points}) == len(points)
+    study = yaml.safe_load((ROOT / "config" / "vtab1k.yaml").read_text())
+    assert study["methods"][name] == grid
+    assert name not in yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
