@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["hydra"]
+METHODS = ["hydra", "dtl"]
 MERGEABLE = ["hydra"]
 # Mean head size of the 19 VTAB-1k data sets (940 classes in all) and of the 5 FGVC ones
 # (CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196), weight + bias on ViT-B/16's 768 features:
@@ -59,6 +59,9 @@ COUNTS = [
     ("hydra", {"rank": 2}, 239_712),
     ("hydra", {"rank": 1}, 138_288),
     ("hydra", {"rank": 8}, 848_256),
+    # dtl: 18,432 r
+    ("dtl", {"rank": 2}, 36_864),
+    ("dtl", {"rank": 8, "add_from": 0}, 147_456),
 ]
 
 
@@ -67,7 +70,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -76,6 +79,7 @@ def test_meta_count_equals_real_vit_b16(name, hp):
 # our method, its hyper-parameters, published table, its row, head added to match its convention
 PUBLISHED_COUNTS = [
     ("hydra", {"rank": 2}, "vtab1k", "Hydra", VTAB_MEAN_HEAD),
+    ("dtl", {"rank": 2}, "vtab1k", "DTL", 0),
 ]
 
 
@@ -88,6 +92,7 @@ def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
 
 # ---------------------------------------------------------------- gradients
 GRAD_CASES = [(f, "hydra", {"rank": 2}) for f in FAMILIES]
+GRAD_CASES += [(f, "dtl", {"rank": 2, "add_from": 1}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -110,6 +115,7 @@ def test_hydra_trains_only_its_branches():
 
 # ---------------------------------------------------------------- identity and merge
 IDENTITY_CASES = [(f, "hydra", {"scale": 4.5}) for f in FAMILIES]
+IDENTITY_CASES += [(f, "dtl", {"add_from": 0}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", IDENTITY_CASES, ids=_ids)
@@ -153,6 +159,37 @@ def test_hydra_merge_without_base_bias():
     assert set(peft.state_dict()) == set(base.state_dict())
 
 
+def test_dtl_side_network_by_hand_and_backbone_keys_unchanged():
+    base = c.tiny_model("vit")
+    peft = c.apply(copy.deepcopy(base), "dtl", rank=2, beta=3.0)
+    c.randomize_new_params(peft, base)
+    side = peft.blocks.side
+    assert len(peft.blocks) == 4 and side.first == 2 and list(peft.blocks) == list(peft.blocks[:4])
+    assert set(peft.state_dict()) - set(base.state_dict()) == {"blocks.side.a", "blocks.side.b"}
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0))
+    peft.eval()
+    with torch.no_grad():
+        h, want = 0, x
+        for i, block in enumerate(peft.blocks):  # the same block objects, run by hand
+            h = h + want @ side.a[i].T @ side.b[i].T
+            want = block(want) + (h * torch.sigmoid(3.0 * h) if i >= 2 else 0)
+        assert torch.allclose(peft.blocks(x), want, atol=1e-6)
+
+
+def test_dtl_first_blocks_get_no_gradient_path():
+    # the blocks before add_from are never fed side features: their input carries no grad
+    model = c.apply(c.tiny_model("vit"), "dtl", add_from=3)
+    seen = []
+    model.blocks[2].register_forward_hook(lambda m, i, o: seen.append(i[0].requires_grad))
+    model.blocks[3].register_forward_hook(lambda m, i, o: seen.append(i[0].requires_grad))
+    model(c.image_batch(model))
+    assert seen == [False, False]
+    with pytest.raises(ValueError, match="add_from"):
+        c.apply(c.tiny_model("vit"), "dtl", add_from=4)
+    with pytest.raises(ValueError, match="already wrapped"):
+        c.apply(c.apply(c.tiny_model("vit"), "dtl"), "dtl")
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -175,6 +212,9 @@ BAD = [
     ("hydra", {"scale": 0}, "scale"),
     ("hydra", {"dropout": 1.0}, "dropout"),
     ("hydra", {"dim": 2}, "dim"),
+    ("dtl", {"rank": 0}, "rank"),
+    ("dtl", {"beta": 0}, "beta"),
+    ("dtl", {"add_from": -1}, "add_from"),
 ]
 
 
