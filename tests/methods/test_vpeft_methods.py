@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 from torch import nn
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["hydra", "dtl"]
+METHODS = ["hydra", "dtl", "last"]
 MERGEABLE = ["hydra"]
 # Mean head size of the 19 VTAB-1k data sets (940 classes in all) and of the 5 FGVC ones
 # (CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196), weight + bias on ViT-B/16's 768 features:
@@ -62,6 +63,9 @@ COUNTS = [
     # dtl: 18,432 r
     ("dtl", {"rank": 2}, 36_864),
     ("dtl", {"rank": 8, "add_from": 0}, 147_456),
+    # last: 36,864 r
+    ("last", {}, 663_552),
+    ("last", {"rank": 16, "heads": 4}, 589_824),
 ]
 
 
@@ -70,7 +74,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2}), ("last", {})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -80,6 +84,8 @@ def test_meta_count_equals_real_vit_b16(name, hp):
 PUBLISHED_COUNTS = [
     ("hydra", {"rank": 2}, "vtab1k", "Hydra", VTAB_MEAN_HEAD),
     ("dtl", {"rank": 2}, "vtab1k", "DTL", 0),
+    ("last", {"rank": 18}, "vtab1k", "LAST", 0),
+    ("last", {"rank": 18}, "fgvc", "LAST", 0),
 ]
 
 
@@ -93,6 +99,7 @@ def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
 # ---------------------------------------------------------------- gradients
 GRAD_CASES = [(f, "hydra", {"rank": 2}) for f in FAMILIES]
 GRAD_CASES += [(f, "dtl", {"rank": 2, "add_from": 1}) for f in FAMILIES]
+GRAD_CASES += [(f, "last", {"rank": 4, "heads": 2}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -116,6 +123,7 @@ def test_hydra_trains_only_its_branches():
 # ---------------------------------------------------------------- identity and merge
 IDENTITY_CASES = [(f, "hydra", {"scale": 4.5}) for f in FAMILIES]
 IDENTITY_CASES += [(f, "dtl", {"add_from": 0}) for f in FAMILIES]
+IDENTITY_CASES += [(f, "last", {"scale": 10.0}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", IDENTITY_CASES, ids=_ids)
@@ -190,6 +198,33 @@ def test_dtl_first_blocks_get_no_gradient_path():
         c.apply(c.apply(c.tiny_model("vit"), "dtl"), "dtl")
 
 
+def test_last_side_network_by_hand_and_nothing_backpropagates_through_the_backbone():
+    base = c.tiny_model("dinov2_reg")
+    peft = c.apply(copy.deepcopy(base), "last", rank=4, heads=2)
+    c.randomize_new_params(peft, base)
+    side = peft.blocks.side
+    assert set(peft.state_dict()) - set(base.state_dict()) == {"blocks.side.qkv", "blocks.side.out"}
+    x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(0))
+    peft.eval()
+    with torch.no_grad():
+        s, z = torch.zeros_like(x), x
+        for i, block in enumerate(peft.blocks):
+            u = F.layer_norm(z + s, (64,))
+            q, k, v = (u @ w.T for w in side.qkv[i].chunk(3))
+            heads = []
+            for hq, hk, hv in zip(q.chunk(2, -1), k.chunk(2, -1), v.chunk(2, -1)):
+                heads.append(torch.softmax(hq @ hk.transpose(1, 2) / 2**0.5, -1) @ hv)
+            s = s + torch.cat(heads, -1) @ side.out[i].T
+            z = block(z)
+        assert torch.allclose(peft.blocks(x), z + s, atol=1e-5)
+    seen = []
+    for block in peft.blocks:
+        block.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    peft.train()
+    peft(c.image_batch(peft))
+    assert seen == [False] * 4
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -215,6 +250,9 @@ BAD = [
     ("dtl", {"rank": 0}, "rank"),
     ("dtl", {"beta": 0}, "beta"),
     ("dtl", {"add_from": -1}, "add_from"),
+    ("last", {"rank": 0}, "rank"),
+    ("last", {"rank": 18, "heads": 4}, "heads"),
+    ("last", {"scale": -1}, "scale"),
 ]
 
 
