@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["hydra", "dtl", "last"]
+METHODS = ["hydra", "dtl", "last", "prefix"]
 MERGEABLE = ["hydra"]
 # Mean head size of the 19 VTAB-1k data sets (940 classes in all) and of the 5 FGVC ones
 # (CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196), weight + bias on ViT-B/16's 768 features:
@@ -66,6 +66,9 @@ COUNTS = [
     # last: 36,864 r
     ("last", {}, 663_552),
     ("last", {"rank": 16, "heads": 4}, 589_824),
+    # prefix: 18,432 length
+    ("prefix", {}, 184_320),
+    ("prefix", {"length": 20}, 368_640),
 ]
 
 
@@ -74,7 +77,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2}), ("last", {})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2}), ("last", {}), ("prefix", {})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -86,6 +89,7 @@ PUBLISHED_COUNTS = [
     ("dtl", {"rank": 2}, "vtab1k", "DTL", 0),
     ("last", {"rank": 18}, "vtab1k", "LAST", 0),
     ("last", {"rank": 18}, "fgvc", "LAST", 0),
+    ("prefix", {"length": 10}, "fgvc", "Prefix Tuning", FGVC_MEAN_HEAD),
 ]
 
 
@@ -100,6 +104,7 @@ def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
 GRAD_CASES = [(f, "hydra", {"rank": 2}) for f in FAMILIES]
 GRAD_CASES += [(f, "dtl", {"rank": 2, "add_from": 1}) for f in FAMILIES]
 GRAD_CASES += [(f, "last", {"rank": 4, "heads": 2}) for f in FAMILIES]
+GRAD_CASES += [(f, "prefix", {"length": 3}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -225,6 +230,24 @@ def test_last_side_network_by_hand_and_nothing_backpropagates_through_the_backbo
     assert seen == [False] * 4
 
 
+def test_prefix_attention_by_hand():
+    base = c.tiny_model("clip")
+    peft = c.apply(copy.deepcopy(base), "prefix", length=3)
+    attn = peft.blocks[2].attn
+    assert isinstance(attn.base, type(base.blocks[2].attn))
+    peft.eval()
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q, k, v = attn.base.qkv(x).chunk(3, dim=-1)
+        k = torch.cat([attn.prefix_k.expand(2, -1, -1), k], 1)
+        v = torch.cat([attn.prefix_v.expand(2, -1, -1), v], 1)
+        heads = [torch.softmax(hq @ hk.transpose(1, 2) / 32**0.5, -1) @ hv
+                 for hq, hk, hv in zip(q.chunk(2, -1), k.chunk(2, -1), v.chunk(2, -1))]  # fmt: skip
+        want = attn.base.proj(torch.cat(heads, -1))
+        assert torch.allclose(attn(x), want, atol=1e-5)
+    assert all(b.attn.prefix_k.shape == b.attn.prefix_v.shape == (3, 64) for b in peft.blocks)
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -253,6 +276,8 @@ BAD = [
     ("last", {"rank": 0}, "rank"),
     ("last", {"rank": 18, "heads": 4}, "heads"),
     ("last", {"scale": -1}, "scale"),
+    ("prefix", {"length": 0}, "length"),
+    ("prefix", {"num_prompts": 10}, "num_prompts"),
 ]
 
 
