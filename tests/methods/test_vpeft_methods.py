@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["hydra", "dtl", "last", "prefix"]
+METHODS = ["hydra", "dtl", "last", "prefix", "lst"]
 MERGEABLE = ["hydra"]
 # Mean head size of the 19 VTAB-1k data sets (940 classes in all) and of the 5 FGVC ones
 # (CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196), weight + bias on ViT-B/16's 768 features:
@@ -69,6 +69,9 @@ COUNTS = [
     # prefix: 18,432 length
     ("prefix", {}, 184_320),
     ("prefix", {"length": 20}, 368_640),
+    # lst, w = 768 / reduction: 13 (768 w + w) + 12 (12 w^2 + 13 w) + 12 + (768 w + 768)
+    ("lst", {}, 2_376_300),
+    ("lst", {"reduction": 16}, 13 * (768 * 48 + 48) + 12 * (12 * 48**2 + 13 * 48) + 12 + 48 * 768 + 768),
 ]
 
 
@@ -77,7 +80,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2}), ("last", {}), ("prefix", {})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("hydra", {"rank": 2}), ("dtl", {"rank": 2}), ("last", {}), ("prefix", {}), ("lst", {})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -90,6 +93,7 @@ PUBLISHED_COUNTS = [
     ("last", {"rank": 18}, "vtab1k", "LAST", 0),
     ("last", {"rank": 18}, "fgvc", "LAST", 0),
     ("prefix", {"length": 10}, "fgvc", "Prefix Tuning", FGVC_MEAN_HEAD),
+    ("lst", {"reduction": 8}, "vtab1k", "LST", 0),
 ]
 
 
@@ -105,6 +109,7 @@ GRAD_CASES = [(f, "hydra", {"rank": 2}) for f in FAMILIES]
 GRAD_CASES += [(f, "dtl", {"rank": 2, "add_from": 1}) for f in FAMILIES]
 GRAD_CASES += [(f, "last", {"rank": 4, "heads": 2}) for f in FAMILIES]
 GRAD_CASES += [(f, "prefix", {"length": 3}) for f in FAMILIES]
+GRAD_CASES += [(f, "lst", {"reduction": 4}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -248,6 +253,26 @@ def test_prefix_attention_by_hand():
     assert all(b.attn.prefix_k.shape == b.attn.prefix_v.shape == (3, 64) for b in peft.blocks)
 
 
+def test_lst_ladder_by_hand():
+    base = c.tiny_model("dinov2_reg")
+    peft = c.apply(copy.deepcopy(base), "lst", reduction=4)
+    side = peft.blocks.side
+    assert len(side.downs) == 5 and len(side.side_blocks) == 4 and side.up.in_features == 16
+    with torch.no_grad():
+        side.gates.copy_(torch.tensor([-0.3, 0.0, 0.2, 0.5]))
+    x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(0))
+    peft.eval()
+    with torch.no_grad():
+        h, z = side.downs[0](x), x
+        for i, block in enumerate(peft.blocks):
+            z = block(z)
+            mu = torch.sigmoid(side.gates[i] / 0.1)
+            h = side.side_blocks[i](mu * side.downs[i + 1](z) + (1 - mu) * h)
+        assert torch.allclose(peft.blocks(x), side.up(h), atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        c.apply(c.tiny_model("vit"), "lst", reduction=3)
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -278,6 +303,8 @@ BAD = [
     ("last", {"scale": -1}, "scale"),
     ("prefix", {"length": 0}, "length"),
     ("prefix", {"num_prompts": 10}, "num_prompts"),
+    ("lst", {"reduction": 0}, "reduction"),
+    ("lst", {"temperature": 0}, "temperature"),
 ]
 
 
