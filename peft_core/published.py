@@ -6,6 +6,10 @@ its Pfeiffer adapter once per init, as separate rows; we tune ``adapter`` over
 all three inits). A data set is compared only where our selected configuration
 has those values; where it never does, the published number is shown with a
 "not comparable" note instead of a difference.
+
+One mapping per published table (``MAPPINGS``): ``PUBLISHED_AS`` for the
+reference study's (Mai et al.), ``VPEFT_AS`` for V-PEFT Bench's VTAB-1k and
+FGVC tables; :func:`mapping_for` picks the one whose row names the table uses.
 """
 
 from __future__ import annotations
@@ -48,6 +52,45 @@ PUBLISHED_AS: dict[str, PublishedAs] = {
 }
 
 
+# Our method -> V-PEFT Bench's row (arXiv 2402.02242; config/published/vpeft_bench_{vtab1k,fgvc}.csv,
+# from its README at commit c188fad2930f). Its rows are copied from each method's own paper, so
+# a row is mapped only where our method at the fixed values has the same structure and its
+# trainable count rounds to the row's params column (tests/unit/test_report_published.py):
+#   adapter b=8 156,768 = 0.16M, adaptformer b=8 0.16M, ssf 0.21M, bitfit 0.10M, hydra r=2 0.28M
+#   (head counted), dtl r=2 0.04M, last r=18 0.66M, lst reduction 8 2.38M, prefix 10 0.36M
+#   (FGVC, head counted). Not mapped: LoRA (its row adapts q and v with separate A and B; ours
+#   shares one A over q, k, v: the same 294,912 parameters at rank 8, a different function),
+#   FacT (its 0.07M is not our fact_tk at any grid rank: 0.03/0.09/0.37M), RepAdapter (0.22M vs
+#   our 0.24M at bottleneck 8), NOAH, SCT, GPS (not implemented).
+VPEFT_AS: dict[str, PublishedAs] = {
+    "linear": PublishedAs("Linear probing"),
+    "full": PublishedAs("Full fine-tuning"),  # VPT's full fine-tuning, tuned over lr like ours
+    "bitfit": PublishedAs("BitFit"),
+    "ssf": PublishedAs("SSF", {"init": ("normal",)}),  # SSF's code: scale ~ N(1, 0.02), shift ~ N(0, 0.02)
+    # the row's adapter (NOAH's table) is 12 bottleneck-8 adapters after the MLP, as our Pfeiffer adapter
+    "adapter": PublishedAs("Adapter", {"bottleneck": (8,)}),
+    "adaptformer": PublishedAs("AdaptFormer", {"bottleneck": (8,)}),  # 0.16M: bottleneck 8, not in our grid
+    "vpt_shallow": PublishedAs("VPT-Shallow"),  # prompt length tuned per data set there and here
+    "vpt_deep": PublishedAs("VPT-Deep"),
+    "hydra": PublishedAs("Hydra", {"rank": (2,)}),
+    "dtl": PublishedAs("DTL", {"rank": (2,), "beta": (100.0,)}),
+    "last": PublishedAs("LAST", {"rank": (18,)}),  # our reading of the paper: no code to compare with
+    "lst": PublishedAs("LST", {"reduction": (8,)}),
+    "prefix": PublishedAs("Prefix Tuning", {"length": (10,)}),
+}
+
+#: published table -> its mapping; :func:`mapping_for` chooses by the rows a table has
+MAPPINGS: dict[str, dict[str, PublishedAs]] = {"mai2025": PUBLISHED_AS, "vpeft_bench": VPEFT_AS}
+
+
+def mapping_for(published: pd.DataFrame) -> dict[str, PublishedAs]:
+    """The mapping most of whose rows the table has (ties: the reference study's)."""
+    rows = set(published["method"])
+    hits = {name: len({to.row for to in m.values()} & rows) for name, m in MAPPINGS.items()}
+    best = max(hits, key=lambda name: hits[name])
+    return MAPPINGS[best] if hits[best] else {}
+
+
 def _config(text: Any) -> dict[str, Any]:
     return json.loads(text) if isinstance(text, str) and text not in ("", "mixed") else {}
 
@@ -66,19 +109,22 @@ def published_frame(
     datasets: list[str],
     per: pd.DataFrame | None = None,
     tuned: dict[str, dict[str, set]] | None = None,
+    mapping: dict[str, PublishedAs] | None = None,
 ) -> pd.DataFrame:
     """Ours vs published mean test accuracy per method, over the data sets both have where our
     selected configuration is what the published row ran.
 
     ``per`` (method, dataset, config: compact JSON of the selected configuration) says what we
     selected; ``tuned`` (method -> hparam -> values our grid tried) explains the notes. A method
-    whose mapping fixes hyper-parameters is never compared without ``per``.
+    whose mapping fixes hyper-parameters is never compared without ``per``. ``mapping``:
+    our method -> published row; by default the one :func:`mapping_for` picks for the table.
     """
+    mapping = mapping_for(published) if mapping is None else mapping
     pub = published.set_index("method")
     chosen = {} if per is None else {(r.method, r.dataset): _config(r.config) for r in per.itertuples()}
     rows = []
     for _, r in summ.iterrows():
-        to = PUBLISHED_AS.get(r.method)
+        to = mapping.get(r.method)
         if to is None or to.row not in pub.index:
             continue
         have = [d for d in datasets if d in pub.columns and d in r and not math.isnan(r[d])]
