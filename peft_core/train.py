@@ -218,6 +218,9 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / spec.batch_size)
+    method = get_method(spec.method)
+    hp = method.hparams(**spec.hparams)
+    total_steps = spec.epochs * steps_per_epoch
     dtype = autocast_dtype(spec.precision)
     fwd = forward_fn(model, spec)
     out = Outcome()
@@ -239,6 +242,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if method.on_step is not None:  # e.g. AdaLoRA's rank budget; gradients are still in place
+                method.on_step(model, hp, step, total_steps)
             loss_sum += loss.detach() * idx.numel()
             step += 1
         out.images += n

@@ -35,6 +35,9 @@ class Method:
     summary: str
     #: one-line statements of how this method differs from the reference codebase
     deviations: tuple[str, ...] = ()
+    #: called by the training loop after every optimiser step, gradients still in place:
+    #: ``on_step(model, hp, step, total_steps)`` (``step`` 0-based; AdaLoRA's rank budget)
+    on_step: Callable[["nn.Module", HParams, int, int], None] | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -51,7 +54,7 @@ class Method:
 
 
 def _local_imports(path: Path) -> list[Path]:
-    """``path`` and every sibling module reached by relative imports (``from ._x import``)."""
+    """``path`` and every sibling module reached by relative imports (``from ._x import``, ``from . import _x``)."""
     import ast
 
     seen: list[Path] = []
@@ -62,8 +65,11 @@ def _local_imports(path: Path) -> list[Path]:
             continue
         seen.append(current)
         for node in ast.walk(ast.parse(current.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                todo.append(current.parent / f"{node.module}.py")
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:  # from ._x import y
+                    todo.append(current.parent / f"{node.module}.py")
+                else:  # from . import _x (names that are not sibling files are skipped above)
+                    todo += [current.parent / f"{alias.name}.py" for alias in node.names]
     return seen
 
 
@@ -76,11 +82,14 @@ def register_method(
     apply: Callable,
     merge: Callable | None = None,
     deviations: tuple[str, ...] = (),
+    on_step: Callable | None = None,
 ) -> Method:
     """Register a method; called once at the bottom of each method module.
 
     ``deviations``: short one-line statements of how the method differs from
     the reference codebase (also in the module docstring and docs/deviations.md).
+    ``on_step``: a per-step hook for methods that change themselves during
+    training (see :attr:`Method.on_step`); most methods have none.
     """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
@@ -98,6 +107,7 @@ def register_method(
         source=Path(module.__file__).resolve(),
         summary=doc[0] if doc else "",
         deviations=deviations,
+        on_step=on_step,
     )
     _METHODS[name] = method
     return method
