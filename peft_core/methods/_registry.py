@@ -26,6 +26,22 @@ class HParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class StepHook:
+    """What the training loop calls for a method that changes itself while training.
+
+    ``step(model, hp, step, total_steps)`` runs after every optimiser step, its
+    gradients still in place (``step`` 0-based, ``total_steps`` of the whole
+    cell); ``state(model)`` / ``load_state(model, state)`` carry the hook's own
+    state (tensors, lists, numbers) through ``resume.pt``, so a resumed cell
+    continues exactly where it stopped.
+    """
+
+    step: Callable[["nn.Module", HParams, int, int], None]
+    state: Callable[["nn.Module"], dict]
+    load_state: Callable[["nn.Module", dict], None]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     hparams: type[HParams]
@@ -35,9 +51,8 @@ class Method:
     summary: str
     #: one-line statements of how this method differs from the reference codebase
     deviations: tuple[str, ...] = ()
-    #: called by the training loop after every optimiser step, gradients still in place:
-    #: ``on_step(model, hp, step, total_steps)`` (``step`` 0-based; AdaLoRA's rank budget)
-    on_step: Callable[["nn.Module", HParams, int, int], None] | None = None
+    #: for the few methods that change themselves while training (AdaLoRA's rank budget)
+    step_hook: StepHook | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -82,14 +97,14 @@ def register_method(
     apply: Callable,
     merge: Callable | None = None,
     deviations: tuple[str, ...] = (),
-    on_step: Callable | None = None,
+    step_hook: StepHook | None = None,
 ) -> Method:
     """Register a method; called once at the bottom of each method module.
 
     ``deviations``: short one-line statements of how the method differs from
     the reference codebase (also in the module docstring and docs/deviations.md).
-    ``on_step``: a per-step hook for methods that change themselves during
-    training (see :attr:`Method.on_step`); most methods have none.
+    ``step_hook``: for methods that change themselves during training
+    (:class:`StepHook`); most methods have none.
     """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
@@ -107,7 +122,7 @@ def register_method(
         source=Path(module.__file__).resolve(),
         summary=doc[0] if doc else "",
         deviations=deviations,
-        on_step=on_step,
+        step_hook=step_hook,
     )
     _METHODS[name] = method
     return method

@@ -5,8 +5,8 @@ Each targeted frozen linear gets an SVD-shaped update ``W + s P diag(E) Q``
 is unchanged) at ``init_rank``; during training the singular values of
 lowest importance (smoothed ``|w * grad|``) are masked to zero until the
 average rank is ``target_rank``. The schedule runs inside our training loop
-(``on_step``, after every optimiser step, as peft's ``update_and_allocate``
-asks): no pruning in the first ``warmup`` fraction of steps, a cubic budget
+(a ``StepHook``: after every optimiser step, as peft's ``update_and_allocate``
+asks; its importance averages and rank pattern travel through ``resume.pt``): no pruning in the first ``warmup`` fraction of steps, a cubic budget
 decay, fixed ranks in the last ``final`` fraction; the budget is re-allocated
 every ``delta_t`` steps. Trainable tensors keep their ``init_rank`` shape
 (masked values are zeros), so counts are at ``init_rank``:
@@ -25,9 +25,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import _hf_peft as hf
-from ._registry import register_method
+from ._registry import StepHook, register_method
 
-_PLACEHOLDER_STEPS = 1_000_000  # peft needs a total at build time; on_step sets the real one
+_PLACEHOLDER_STEPS = 1_000_000  # peft needs a total at build time; allocate() sets the real one
 
 
 class PeftAdaLoRAHP(hf.TargetsHP):
@@ -58,7 +58,7 @@ def apply(model: nn.Module, hp: PeftAdaLoRAHP) -> nn.Module:
         orth_reg_weight=0.0, total_step=_PLACEHOLDER_STEPS, target_modules=paths))  # fmt: skip
 
 
-def on_step(model: nn.Module, hp: PeftAdaLoRAHP, step: int, total_steps: int) -> None:
+def allocate(model: nn.Module, hp: PeftAdaLoRAHP, step: int, total_steps: int) -> None:
     """peft's ``update_and_allocate(step)``, the schedule first set to this run's ``total_steps``."""
     tuner = hf.tuner(model)
     config = tuner.peft_config[hf.ADAPTER]
@@ -70,4 +70,24 @@ def on_step(model: nn.Module, hp: PeftAdaLoRAHP, step: int, total_steps: int) ->
     tuner.update_and_allocate(step)
 
 
-METHOD = register_method("peft_adalora", PeftAdaLoRAHP, apply, hf.merge, on_step=on_step)
+_ALLOCATOR = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # RankAllocator's smoothed importance, by tensor name
+
+
+def state(model: nn.Module) -> dict:
+    """The schedule's state: the allocator's importance averages and the rank pattern, if fixed yet."""
+    tuner = hf.tuner(model)
+    allocator = tuner.rankallocator
+    out = {k: {n: t.detach().clone() for n, t in getattr(allocator, k).items()} for k in _ALLOCATOR}
+    out["rank_pattern"] = tuner.peft_config[hf.ADAPTER].rank_pattern
+    return out
+
+
+def load_state(model: nn.Module, saved: dict) -> None:
+    tuner = hf.tuner(model)
+    for k in _ALLOCATOR:
+        setattr(tuner.rankallocator, k, dict(saved[k]))
+    tuner.peft_config[hf.ADAPTER].rank_pattern = saved["rank_pattern"]
+
+
+HOOK = StepHook(step=allocate, state=state, load_state=load_state)
+METHOD = register_method("peft_adalora", PeftAdaLoRAHP, apply, hf.merge, step_hook=HOOK)

@@ -251,8 +251,48 @@ def test_adalora_schedule_runs_in_our_training_loop_and_reaches_the_budget():
     assert c.max_diff(model, fresh, c.image_batch(model)) == 0.0
 
 
-def test_methods_without_a_step_hook_have_none():
-    assert [m for m in list_methods() if get_method(m).on_step is not None] == ["peft_adalora"]
+def test_only_adalora_has_a_step_hook():
+    assert [m for m in list_methods() if get_method(m).step_hook is not None] == ["peft_adalora"]
+
+
+class _HitAfter(dict):
+    """A preemption flag that reads as set from the ``n``-th epoch end on."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.reads = n, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.reads >= self.n
+
+
+@pytest.mark.parametrize("stop_after", [1, 4])  # while budgeting; once the ranks are fixed
+def test_adalora_resumes_exactly_where_it_stopped(tmp_path, stop_after):
+    from peft_core.train import Preempted, train
+
+    from .. import toycell
+
+    hp = {"init_rank": 4, "target_rank": 2, "delta_t": 1, "final": 0.4, "targets": ["qkv"]}
+    spec = toycell.spec("peft_adalora", hp, epochs=5)  # 4 steps per epoch, ranks fixed from step 12
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(64) % 3
+
+    def fresh():
+        return c.apply(c.tiny_model("vit", num_classes=3), "peft_adalora", **hp)
+
+    torch.manual_seed(0)
+    whole = fresh()
+    train(whole, spec, x, y, log=lambda msg: None)
+    torch.manual_seed(0)
+    with pytest.raises(Preempted):
+        train(fresh(), spec, x, y, log=lambda msg: None, resume=tmp_path / "resume.pt", flag=_HitAfter(stop_after))
+    resumed = fresh()
+    train(resumed, spec, x, y, log=lambda msg: None, resume=tmp_path / "resume.pt")
+    for (n, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    assert _nonzero_singular_values(resumed) == 4 * 2
 
 
 # ---------------------------------------------------------------- hyper-parameters, grids
