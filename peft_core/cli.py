@@ -345,12 +345,13 @@ def cmd_params(a) -> int:
 def cmd_methods(a) -> int:
     from .methods import get_method, list_methods
 
+    width = max(map(len, list_methods()))
     for name in list_methods():
         m = get_method(name)
         fields = ", ".join(f"{k}={v.default!r}" for k, v in m.hparams.model_fields.items()) or "-"
-        print(f"{name:<12} {'mergeable' if m.mergeable else 'not mergeable':<14} {fields}")
+        print(f"{name:<{width}} {'mergeable' if m.mergeable else 'not mergeable':<14} {fields}")
         if a.verbose:
-            print(f"{'':<12} {m.summary}")
+            print(f"{'':<{width}} {m.summary}")
     return 0
 
 

@@ -187,6 +187,9 @@ def save_resume(path: Path, spec: CellSpec, model, opt, gen, epoch: int, step: i
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    hook = get_method(spec.method).step_hook
+    if hook is not None:
+        state["step_hook"] = hook.state(model)
     write_torch(path, state)
 
 
@@ -199,6 +202,9 @@ def load_resume(path: Path, spec: CellSpec, model, opt, gen) -> tuple[int, int, 
         for n, p in _trainable(model).items():
             p.copy_(state["params"][n])
     opt.load_state_dict(state["optimizer"])
+    hook = get_method(spec.method).step_hook
+    if hook is not None:
+        hook.load_state(model, state["step_hook"])
     gen.set_state(state["gen"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
@@ -220,6 +226,8 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / spec.batch_size)
+    hook, hp = get_method(spec.method).step_hook, get_method(spec.method).hparams(**spec.hparams)
+    total_steps = spec.epochs * steps_per_epoch
     dtype = autocast_dtype(spec.precision)
     fwd = forward_fn(model, spec)
     out = Outcome()
@@ -243,6 +251,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if hook is not None:  # e.g. AdaLoRA's rank budget; gradients are still in place
+                hook.step(model, hp, step, total_steps)
             loss_sum += loss.detach() * idx.numel()
             correct += (logits.detach().argmax(1) == y[idx]).sum()
             step += 1

@@ -26,6 +26,22 @@ class HParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class StepHook:
+    """What the training loop calls for a method that changes itself while training.
+
+    ``step(model, hp, step, total_steps)`` runs after every optimiser step, its
+    gradients still in place (``step`` 0-based, ``total_steps`` of the whole
+    cell); ``state(model)`` / ``load_state(model, state)`` carry the hook's own
+    state (tensors, lists, numbers) through ``resume.pt``, so a resumed cell
+    continues exactly where it stopped.
+    """
+
+    step: Callable[["nn.Module", HParams, int, int], None]
+    state: Callable[["nn.Module"], dict]
+    load_state: Callable[["nn.Module", dict], None]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     hparams: type[HParams]
@@ -35,6 +51,8 @@ class Method:
     summary: str
     #: one-line statements of how this method differs from the reference codebase
     deviations: tuple[str, ...] = ()
+    #: for the few methods that change themselves while training (AdaLoRA's rank budget)
+    step_hook: StepHook | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -51,7 +69,7 @@ class Method:
 
 
 def _local_imports(path: Path) -> list[Path]:
-    """``path`` and every sibling module reached by relative imports (``from ._x import``)."""
+    """``path`` and every sibling module reached by relative imports (``from ._x import``, ``from . import _x``)."""
     import ast
 
     seen: list[Path] = []
@@ -62,8 +80,11 @@ def _local_imports(path: Path) -> list[Path]:
             continue
         seen.append(current)
         for node in ast.walk(ast.parse(current.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                todo.append(current.parent / f"{node.module}.py")
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:  # from ._x import y
+                    todo.append(current.parent / f"{node.module}.py")
+                else:  # from . import _x (names that are not sibling files are skipped above)
+                    todo += [current.parent / f"{alias.name}.py" for alias in node.names]
     return seen
 
 
@@ -76,11 +97,14 @@ def register_method(
     apply: Callable,
     merge: Callable | None = None,
     deviations: tuple[str, ...] = (),
+    step_hook: StepHook | None = None,
 ) -> Method:
     """Register a method; called once at the bottom of each method module.
 
     ``deviations``: short one-line statements of how the method differs from
     the reference codebase (also in the module docstring and docs/deviations.md).
+    ``step_hook``: for methods that change themselves during training
+    (:class:`StepHook`); most methods have none.
     """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
@@ -98,6 +122,7 @@ def register_method(
         source=Path(module.__file__).resolve(),
         summary=doc[0] if doc else "",
         deviations=deviations,
+        step_hook=step_hook,
     )
     _METHODS[name] = method
     return method
