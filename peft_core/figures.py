@@ -25,10 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 from .results import write_with  # noqa: E402
 
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#F0E442")
+# Okabe & Ito (2008), without its yellow (unreadable as text on white)
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # The registered methods in the reference table's order (peft_core/methods): their styles never move.
 KNOWN_METHODS = (
@@ -185,11 +187,15 @@ def cd_diagram(test) -> Figure:
         palette = {m: method_style(m, tuple(test.ranks.index))["color"] for m in test.ranks.index}
         sp.critical_difference_diagram(test.ranks, test.nemenyi, ax=ax, color_palette=palette,
                                        label_props={"fontsize": 6.5})  # fmt: skip
-        lo, at = 1.0, ax.get_xaxis_transform()  # x in ranks, y in axes fractions (tick labels end near 1.1)
-        ax.plot([lo, lo + test.cd], [1.2, 1.2], transform=at, color="black", lw=1, clip_on=False)
-        ax.plot([lo, lo], [1.17, 1.23], [lo + test.cd] * 2, [1.17, 1.23], transform=at, color="black", lw=1, clip_on=False)
-        ax.text(lo + test.cd / 2, 1.24, f"CD = {test.cd:.2f}", transform=at, ha="center", va="bottom", fontsize=7)
-        ax.set_title(f"{test.scope}: Friedman p = {test.pvalue:.3g}, Nemenyi at α = 0.05", pad=34)
+        # the CD interval above the rank axis: x in ranks, y in points above the axes' top
+        at = ax.get_xaxis_transform() + ScaledTranslation(0, 26 / 72, fig.dpi_scale_trans)
+        lo, hi = 1.0, 1.0 + test.cd
+        ax.plot([lo, hi], [1, 1], transform=at, color="black", lw=1, clip_on=False)
+        for x in (lo, hi):
+            ax.plot([x, x], [1, 1], transform=at, color="black", marker="|", ms=5, clip_on=False)
+        ax.text((lo + hi) / 2, 1, f"CD = {test.cd:.2f}", transform=at + ScaledTranslation(0, 3 / 72, fig.dpi_scale_trans),
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.set_title(f"{test.label}: Friedman p = {test.pvalue:.3g}, Nemenyi at α = 0.05", pad=44)
         return fig
 
 

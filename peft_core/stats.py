@@ -185,6 +185,10 @@ class RankTest:
     note: str = ""  # why there is no test
 
     @property
+    def label(self) -> str:
+        return "all data sets" if self.scope == "all" else f"{self.scope} data sets"
+
+    @property
     def tested(self) -> bool:
         return not math.isnan(self.statistic)
 
@@ -192,8 +196,8 @@ class RankTest:
         """What the test was, for a figure or table caption."""
         n, k = len(self.datasets), len(self.ranks)
         if not self.tested:
-            return f"{self.scope}: {self.note}"
-        return (f"{self.scope}: average ranks over {n} data sets, {k} methods; Friedman test "
+            return f"{self.label}: {self.note}."
+        return (f"{self.label}: average ranks over {n} data sets, {k} methods; Friedman test "
                 f"χ²={self.statistic:.2f}, p={self.pvalue:.3g}; Nemenyi post-hoc, critical difference "
                 f"CD={self.cd:.2f} at α={ALPHA:g} (methods joined by a bar are not significantly different).")  # fmt: skip
 
@@ -237,7 +241,7 @@ def rank_tests(per: pd.DataFrame, groups: dict[str, str], methods: list[str] | N
     if methods is not None:
         table = table[[m for m in methods if m in table.columns]]
     complete = table.dropna(axis=1, how="any")
-    tests = [rank_test(complete, "all data sets")]
+    tests = [rank_test(complete, "all")]
     for g in dict.fromkeys(groups.values()):
         rows = [d for d in complete.index if groups.get(d) == g]
         tests.append(rank_test(complete.loc[rows], g))

@@ -92,12 +92,12 @@ def test_rank_tests_per_group_skip_what_cannot_be_tested():
         columns=["dataset", "method", "mean"],
     )  # fmt: skip
     tests = stats.rank_tests(per, {"n1": "natural", "n2": "natural", "s1": "specialized"}, ["a", "b", "c", "hole"])
-    assert [t.scope for t in tests] == ["all data sets", "natural", "specialized"]
+    assert [t.scope for t in tests] == ["all", "natural", "specialized"]
     assert "hole" not in tests[0].ranks  # only complete methods are ranked
     assert tests[0].tested and tests[1].tested and not tests[2].tested
     assert "1 data set" in tests[2].caption()
     frame = stats.ranks_frame(tests)
-    assert set(frame.scope) == {"all data sets", "natural", "specialized"} and len(frame) == 9
+    assert set(frame.scope) == {"all", "natural", "specialized"} and len(frame) == 9
 
 
 def _cell(root, dataset, method, cell, labels, preds):
