@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -139,3 +140,10 @@ def test_history_and_what_changed(tmp_path):
     assert moves.loc["a", "before"] == pytest.approx(55) and moves.loc["a", "after"] == pytest.approx(65)
     assert moves.loc["a", "delta"] == pytest.approx(10) and moves.loc["a", "largest_move"] == "d +10.00"
     assert moves.loc["b", "delta"] == pytest.approx(10)  # mean of 70 and 90 vs 70
+
+
+def test_report_command_imports_no_model_or_plotting_code():
+    code = ("import sys, peft_core.cli, peft_core.report, peft_core.stats, peft_core.paper, peft_core.latex; "
+            "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'scikit_posthocs') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
