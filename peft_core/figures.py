@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 from .results import write_with  # noqa: E402
 
@@ -176,26 +175,51 @@ def sensitivity(sel: pd.DataFrame, methods: list[str]) -> Figure:
 
 
 def cd_diagram(test) -> Figure:
-    """Critical-difference diagram of a :class:`peft_core.stats.RankTest` (average ranks; bars join
-    methods the Nemenyi test does not separate; the CD interval drawn above)."""
+    """Critical-difference diagram (Demšar, 2006) of a :class:`peft_core.stats.RankTest`: average
+    ranks on an axis (best left), thick bars joining methods the Nemenyi test does not separate
+    (:func:`peft_core.stats.cliques`), and the critical difference drawn above the axis."""
+    from .stats import ALPHA, cliques
+
+    ranks = test.ranks.sort_values(kind="stable")
+    k = len(ranks)
+    half = (k + 1) // 2
+    bars = cliques(ranks, test.nemenyi, ALPHA) if test.tested else []
+    step, bar_gap = 0.28, 0.14
+    first = -0.3 - bar_gap * len(bars) - 0.15  # the first label row, below the clique bars
     with style():
-        fig, ax = plt.subplots(figsize=(6.0, 0.9 + 0.13 * max(len(test.ranks), 2)))
+        fig, ax = plt.subplots(figsize=(6.0, 1.0 + step * half * 0.75))
         if not test.tested:
             return _message(fig, ax, test.caption())
-        import scikit_posthocs as sp
-
-        palette = {m: method_style(m, tuple(test.ranks.index))["color"] for m in test.ranks.index}
-        sp.critical_difference_diagram(test.ranks, test.nemenyi, ax=ax, color_palette=palette,
-                                       label_props={"fontsize": 6.5})  # fmt: skip
-        # the CD interval above the rank axis: x in ranks, y in points above the axes' top
-        at = ax.get_xaxis_transform() + ScaledTranslation(0, 26 / 72, fig.dpi_scale_trans)
-        lo, hi = 1.0, 1.0 + test.cd
-        ax.plot([lo, hi], [1, 1], transform=at, color="black", lw=1, clip_on=False)
-        for x in (lo, hi):
-            ax.plot([x, x], [1, 1], transform=at, color="black", marker="|", ms=5, clip_on=False)
-        ax.text((lo + hi) / 2, 1, f"CD = {test.cd:.2f}", transform=at + ScaledTranslation(0, 3 / 72, fig.dpi_scale_trans),
-                ha="center", va="bottom", fontsize=7)  # fmt: skip
-        ax.set_title(f"{test.label}: Friedman p = {test.pvalue:.3g}, Nemenyi at α = 0.05", pad=44)
+        ax.axis("off")
+        lo, hi = 1.0, float(max(k, 2))
+        ax.plot([lo, hi], [0, 0], color="black", lw=0.8)
+        for t in range(1, int(hi) + 1):
+            ax.plot([t, t], [0, 0.07], color="black", lw=0.8)
+            ax.text(t, 0.12, str(t), ha="center", va="bottom", fontsize=7)
+        seen = tuple(ranks.index)
+        left_x, right_x = lo - 0.06 * (hi - lo), hi + 0.06 * (hi - lo)
+        for i, (m, r) in enumerate(ranks.items()):
+            s = method_style(m, seen)
+            row = i if i < half else k - 1 - i
+            y = first - step * row
+            end = left_x if i < half else right_x
+            ax.plot([r, r, end], [0, y, y], color=s["color"], lw=1)
+            ax.plot([r], [0], marker=s["marker"], color=s["color"], ms=4, zorder=3)
+            text = f"{m} ({r:.2f})" if i < half else f"({r:.2f}) {m}"
+            ax.text(end + (-0.02 if i < half else 0.02) * (hi - lo), y, text, ha="right" if i < half else "left",
+                    va="center", fontsize=7, color=s["color"])  # fmt: skip
+        for j, members in enumerate(bars):
+            y = -0.3 - bar_gap * j
+            ax.plot([ranks[members[0]] - 0.03, ranks[members[-1]] + 0.03], [y, y], color="black", lw=2.2,
+                    solid_capstyle="round")  # fmt: skip
+        top = 0.55
+        ax.plot([lo, lo + test.cd], [top, top], color="black", lw=1)
+        for x in (lo, lo + test.cd):
+            ax.plot([x, x], [top - 0.05, top + 0.05], color="black", lw=1)
+        ax.text(lo + test.cd / 2, top + 0.08, f"CD = {test.cd:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xlim(lo - 0.3 * (hi - lo), hi + 0.3 * (hi - lo))
+        ax.set_ylim(first - step * (half - 1) - 0.2, top + 0.45)
+        ax.set_title(f"{test.label}: Friedman p = {test.pvalue:.3g}, Nemenyi at α = {ALPHA:g}", fontsize=8)
         return fig
 
 

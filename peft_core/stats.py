@@ -235,6 +235,20 @@ def rank_test(table: pd.DataFrame, scope: str = "all") -> RankTest:
     return out
 
 
+def cliques(ranks: pd.Series, pvalues: pd.DataFrame, alpha: float = ALPHA) -> list[list[str]]:
+    """Maximal runs of methods, consecutive by average rank, that no pairwise test separates
+    (every p >= ``alpha``): the bars of a critical-difference diagram, best-ranked first."""
+    names = list(ranks.sort_values(kind="stable").index)
+    spans: list[tuple[int, int]] = []
+    for i in range(len(names)):
+        j = i
+        while j + 1 < len(names) and all(pvalues.loc[a, names[j + 1]] >= alpha for a in names[i : j + 1]):
+            j += 1
+        if j > i and not any(a <= i and j <= b for a, b in spans):
+            spans.append((i, j))
+    return [names[a : b + 1] for a, b in spans]
+
+
 def rank_tests(per: pd.DataFrame, groups: dict[str, str], methods: list[str] | None = None) -> list[RankTest]:
     """``per`` (dataset, method, mean): the overall test, then one per group (in ``groups`` order)."""
     table = per.pivot_table(index="dataset", columns="method", values="mean", sort=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -147,3 +148,16 @@ def test_report_command_imports_no_model_or_plotting_code():
             "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'scikit_posthocs') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cd_diagram_is_the_same_in_every_process(tmp_path):
+    """No set or dict order may leak into the drawing (string hashes differ between processes)."""
+    code = ("import sys, pandas as pd; from pathlib import Path; from peft_core import figures, stats; "
+            "t = pd.DataFrame({m: [90 - 7 * i + (i * j) % 5 for j in range(6)] for i, m in enumerate("
+            "['lora', 'full', 'ssf', 'bitfit', 'vpt_deep', 'linear'])}); "
+            "figures.save_figure(figures.cd_diagram(stats.rank_test(t)), Path(sys.argv[1]), 'cd')")  # fmt: skip
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True, timeout=120)
+    for fmt in ("pdf", "svg", "png"):
+        assert (tmp_path / "1" / f"cd.{fmt}").read_bytes() == (tmp_path / "2" / f"cd.{fmt}").read_bytes(), fmt

@@ -120,3 +120,15 @@ def test_read_correct_from_predictions_and_refuses_misaligned_runs(tmp_path):
     bad = pd.concat([rows, rows.iloc[[0]].assign(cell="c9", seed=2)])
     with pytest.raises(InputError, match="not the same test images"):
         stats.read_correct(bad, tmp_path)
+
+
+def test_cliques_join_runs_that_no_test_separates():
+    ranks = pd.Series({"c": 3.0, "a": 1.0, "b": 2.0, "d": 4.0})
+    p = pd.DataFrame(1.0, index=list("abcd"), columns=list("abcd"))
+    for x, y in (("a", "c"), ("a", "d"), ("b", "d")):
+        p.loc[x, y] = p.loc[y, x] = 0.01
+    # a~b, b~c, c~d; a-c, a-d, b-d differ: bars a-b, b-c, c-d (none inside another)
+    assert stats.cliques(ranks, p) == [["a", "b"], ["b", "c"], ["c", "d"]]
+    p.loc["a", "c"] = p.loc["c", "a"] = 0.5  # now a, b, c together; b-c is inside a-c
+    assert stats.cliques(ranks, p) == [["a", "b", "c"], ["c", "d"]]
+    assert stats.cliques(ranks, p * 0) == []  # every pair differs: no bar
