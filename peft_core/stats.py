@@ -88,7 +88,8 @@ def image_resamples(n_images: int, n_resamples: int = N_RESAMPLES, seed: int = S
     done = 0
     while done < n_resamples:
         b = min(_BATCH, n_resamples - done)
-        yield rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=b).astype(np.float64)
+        draws = rng.integers(0, n_images, size=(b, n_images)) + np.arange(b)[:, None] * n_images
+        yield np.bincount(draws.ravel(), minlength=b * n_images).reshape(b, n_images).astype(np.float64)
         done += b
 
 
@@ -116,14 +117,26 @@ def bootstrap_p(diff: np.ndarray) -> float:
 # ------------------------------------------------------------------ per data set
 
 
-def accuracy_frame(correct: Correct, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+def _resampled(correct: Correct, dataset: str, methods: list[str], n_resamples: int, seed: int, memo: dict | None):
+    """Per-image seed-averaged correctness (methods, images) and its bootstrap means (n_resamples, methods)."""
+    key = (dataset, tuple(methods), n_resamples, seed)
+    if memo is None or key not in memo:
+        per_image = np.stack([correct[(dataset, m)].mean(axis=0) for m in methods])
+        value = (per_image, bootstrap_means(per_image, n_resamples, seed))
+        if memo is None:
+            return value
+        memo[key] = value
+    return memo[key]
+
+
+def accuracy_frame(correct: Correct, n_resamples: int = N_RESAMPLES, seed: int = SEED, memo: dict | None = None) -> pd.DataFrame:
     """Per (data set, method): seeds, test accuracy mean and std over seeds, and the bootstrap CI
-    over images of the seed-averaged accuracy (all in %)."""
+    over images of the seed-averaged accuracy (all in %). ``memo`` shares the resampling with
+    :func:`pairwise_frame`."""
     rows = []
     for dataset in dict.fromkeys(d for d, _ in correct):
         methods = [m for d, m in correct if d == dataset]
-        per_image = np.stack([correct[(dataset, m)].mean(axis=0) for m in methods])
-        dist = bootstrap_means(per_image, n_resamples, seed)
+        per_image, dist = _resampled(correct, dataset, methods, n_resamples, seed, memo)
         for j, m in enumerate(methods):
             acc = correct[(dataset, m)].mean(axis=1) * 100  # per seed
             lo, hi = percentile_ci(dist[:, j] * 100)
@@ -134,8 +147,9 @@ def accuracy_frame(correct: Correct, n_resamples: int = N_RESAMPLES, seed: int =
 
 
 def pairwise_frame(
-    correct: Correct, methods: list[str] | None = None, n_resamples: int = N_RESAMPLES, seed: int = SEED
-) -> pd.DataFrame:
+    correct: Correct, methods: list[str] | None = None, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+    memo: dict | None = None,
+) -> pd.DataFrame:  # fmt: skip
     """Per data set and method pair (a before b in ``methods`` order): diff = acc(a) - acc(b) (%),
     its paired-bootstrap CI and p-value, and whether the CI excludes 0."""
     rows = []
@@ -143,8 +157,8 @@ def pairwise_frame(
         have = [m for m in (methods or [m for d, m in correct if d == dataset]) if (dataset, m) in correct]
         if len(have) < 2:
             continue
-        per_image = np.stack([correct[(dataset, m)].mean(axis=0) for m in have])
-        dist = bootstrap_means(per_image, n_resamples, seed) * 100
+        per_image, dist = _resampled(correct, dataset, have, n_resamples, seed, memo)
+        dist = dist * 100
         for (i, a), (j, b) in combinations(enumerate(have), 2):
             d = dist[:, i] - dist[:, j]
             lo, hi = percentile_ci(d)
@@ -288,6 +302,7 @@ def compute_stats(
     correct = read_correct(results, results_root)
     order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in groups for m in methods)}
     correct = dict(sorted(correct.items(), key=lambda kv: order.get(kv[0], len(order))))
-    acc = accuracy_frame(correct, n_resamples, seed)
-    pairs = pairwise_frame(correct, methods, n_resamples, seed)
+    memo: dict = {}  # one resampling per data set, shared by both frames
+    acc = accuracy_frame(correct, n_resamples, seed, memo)
+    pairs = pairwise_frame(correct, methods, n_resamples, seed, memo)
     return Stats(acc, pairs, significance_counts(pairs), rank_tests(acc, groups, methods))
