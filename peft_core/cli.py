@@ -220,7 +220,8 @@ def cmd_aggregate(a) -> int:
 def cmd_report(a) -> int:
     from .report import build_report
 
-    results = build_report(_study(a.config), [Path(t) for t in a.tables], Path(a.out_dir))
+    results = build_report(_study(a.config), [Path(t) for t in a.tables], Path(a.out_dir),
+                           Path(a.results) if a.results else None)  # fmt: skip
     print(f"{a.out_dir}: report of {len(results)} cells")
     return 0
 
@@ -446,6 +447,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--tables", nargs="+", required=True)
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--results", help="results/<study>: the final runs' predictions (for confidence intervals and "
+                   "paired tests) and the previous results table; without it those sections are left out")  # fmt: skip
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ensembles", help="prediction diversity and ensembles of the methods (needs >= 2 methods)")

@@ -19,15 +19,15 @@ Outputs (every number carries its ``split`` and ``seed``):
   ``gain = accuracy - best_single``. ``selection`` is ``greedy_val`` (members
   chosen greedily on validation) or ``all`` (every method with predictions).
 * ``diversity.parquet``: one row per (dataset, split, seed, method pair).
-* ``ensembles.md`` and a self-contained ``ensembles.html`` (inline CSS and SVG
-  heatmaps, no script, no network).
+* ``figures/ensemble_gain.{pdf,svg,png}``: the test gain of each ensemble per data set;
+* ``ensembles.md`` and a self-contained ``ensembles.html`` (``templates/ensembles.html.j2``:
+  inline CSS, the gain figure as inline SVG, shaded heatmap tables; no script, no network).
 
 Fewer than two methods in the tables: only ``ensembles.md``, with a note.
 """
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +39,9 @@ import pandas as pd
 
 from . import ensembles as ens
 from .errors import InputError
-from .findings import ensemble_findings, findings_html, findings_markdown
-from .report import CSS, _fmt, _html_table, _md_table
+from .findings import ensemble_findings, findings_context, findings_markdown
+from .pages import figure, render, table_model
+from .report import _fmt, _md_table
 from .results import PREDICTIONS, read_json, write_parquet, write_text
 
 ENSEMBLE_COLUMNS = [
@@ -280,6 +281,10 @@ DEFINITIONS = (
 )
 
 
+GAIN_CAPTION = ("Test accuracy of each ensemble (member selection, combination rule) minus the best single "
+                "method's, per data set, mean over seeds (points).")
+
+
 def _pct(v: Any) -> str:
     return _fmt(v * 100 if isinstance(v, float) else v, 2)
 
@@ -335,71 +340,35 @@ def _color(v: float) -> str:
     return "rgb({},{},{})".format(*(round(a + (b - a) * t) for a, b in zip(lo, hi)))
 
 
-def svg_heatmap(matrix: pd.DataFrame, label: str) -> str:
-    """A method x method heatmap in [0, 1] as inline SVG (value in each cell, tooltip via <title>)."""
-    names = [str(n) for n in matrix.index]
-    n = len(names)
-    if n == 0:
-        return "<p>No data.</p>"
-    size = 40 if n <= 8 else 28
-    margin = 16 + 7 * max(len(s) for s in names)
-    w, h = margin + max(n * size, 5 * 36) + 8, margin + n * size + 34
-    parts = [
-        (
-            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" class="heat" style="max-width:{w}px" '
-            f'role="img" aria-label="{html.escape(label)}">'
-        )
-    ]
-    for i, a in enumerate(names):
-        y = margin + i * size
-        parts.append(f'<text x="{margin - 6}" y="{y + size / 2 + 4:.1f}" text-anchor="end">{html.escape(a)}</text>')
-        x = margin + i * size + size / 2
-        parts.append(f'<text x="{x + 4:.1f}" y="{margin - 6}" transform="rotate(-90 {x + 4:.1f} {margin - 6})">{html.escape(a)}</text>')
-        for j, b in enumerate(names):
-            v = float(matrix.iloc[i, j])
-            x0 = margin + j * size
-            fill = "#d0d7de" if math.isnan(v) else _color(v)
-            text = "–" if math.isnan(v) else f"{v:.2f}"
-            ink = "#ffffff" if not math.isnan(v) and v > 0.55 else "#1b1f24"
-            parts.append(
-                f'<rect x="{x0}" y="{y}" width="{size}" height="{size}" fill="{fill}" stroke="#ffffff">'
-                f"<title>{html.escape(a)} × {html.escape(b)}: {text}</title></rect>"
-                f'<text x="{x0 + size / 2}" y="{y + size / 2 + 4:.1f}" text-anchor="middle" fill="{ink}" '
-                f'font-size="{10 if size > 30 else 8}">{text}</text>'
-            )
-    ly = margin + n * size + 12
-    for k, t in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)):
-        parts.append(f'<rect x="{margin + k * 36}" y="{ly}" width="36" height="10" fill="{_color(t)}"/>')
-        parts.append(f'<text x="{margin + k * 36 + 18}" y="{ly + 21}" text-anchor="middle" font-size="9">{t:g}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def heat_table(matrix: pd.DataFrame) -> dict[str, Any]:
+    """A method x method matrix in [0, 1] as a table model, each cell shaded by its value."""
+    frame = matrix.reset_index(names="")
+    model = table_model(frame, digits=2)
+    for row, (_, r) in zip(model["rows"], frame.iterrows()):
+        for cell, c in zip(row[1:], frame.columns[1:]):
+            v = float(r[c])
+            if not math.isnan(v):
+                cell["style"] = f"background:{_color(v)};color:{'#ffffff' if v > 0.55 else '#1b1f24'}"
+    return model
 
 
-HEAT_CSS = """
-svg.heat{width:100%;font-size:10px}.heatmaps{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start}
-.heatmaps figure{margin:0}figcaption{font-size:.85rem;color:#57606a;margin-bottom:.3rem}details{margin:.6rem 0}
-summary{cursor:pointer;font-weight:600}
-"""
+def _heat_pair(div: pd.DataFrame, methods: list[str], where: str) -> list[dict[str, Any]]:
+    return [{"title": f"{title} ({where})", "table": heat_table(mean_matrix(div, metric, methods))}
+            for metric, title in (("disagreement", "Disagreement"), ("error_overlap", "Error overlap"))]  # fmt: skip
 
 
-def _heat_pair(div: pd.DataFrame, methods: list[str], where: str) -> str:
-    figs = []
-    for metric, title in (("disagreement", "Disagreement"), ("error_overlap", "Error overlap")):
-        m = mean_matrix(div, metric, methods)
-        figs.append(f"<figure><figcaption>{title} ({html.escape(where)})</figcaption>{svg_heatmap(m, f'{title} {where}')}</figure>")
-    return f'<div class="heatmaps">{"".join(figs)}</div>'
-
-
-def _md_inline(text: str) -> str:
-    """The definitions paragraph: **bold** and `code` to HTML."""
+def _md_parts(text: str) -> list[dict[str, str]]:
+    """The definitions paragraph split into plain, **bold** and `code` parts (the template marks them up)."""
     import re
 
-    out = html.escape(text)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+    parts = re.split(r"(\*\*.+?\*\*|`.+?`)", text)
+    return [{"kind": "b", "text": p[2:-2]} if p.startswith("**") else {"kind": "code", "text": p[1:-1]}
+            if p.startswith("`") else {"kind": "", "text": p} for p in parts if p]  # fmt: skip
 
 
-def render_html(study: str, ensembles: pd.DataFrame, diversity: pd.DataFrame, q: float, val_split: str, methods: list[str]) -> str:
+def render_html(study: str, ensembles: pd.DataFrame, diversity: pd.DataFrame, q: float, val_split: str,
+                methods: list[str], gain: tuple[str, dict[str, Path]] | None = None, out_dir: Path | None = None) -> str:  # fmt: skip
+    """``ensembles.html`` from ``templates/ensembles.html.j2``; ``gain``: the gain figure's caption and files."""
     per = per_dataset_summary(ensembles)
     avg = averaged_summary(per)
     pct = ["accuracy", "best_single", "gain"]
@@ -409,31 +378,20 @@ def render_html(study: str, ensembles: pd.DataFrame, diversity: pd.DataFrame, q:
         f[pct] = f[pct] * 100
     rename = {"accuracy": "ensemble (%)", "best_single": "best single (%)", "gain": "gain (points)", "best_single_method": "best single method"}
     test_div = diversity[diversity.stage == "final"] if not diversity.empty else diversity
-    sections = [_heat_pair(test_div, methods, "test, mean over seeds and data sets")]
+    datasets = []
     for dataset in dict.fromkeys(diversity.dataset) if not diversity.empty else []:
         d = diversity[diversity.dataset == dataset]
-        body = _heat_pair(d[d.stage == "final"], methods, f"{dataset}, test, mean over seeds")
-        body += _heat_pair(d[d.stage == "tune"], methods, f"{dataset}, {val_split}, chosen tuning cells")
-        sections.append(f"<details><summary>{html.escape(str(dataset))}</summary>{body}</details>")
+        datasets.append({"name": dataset, "test": _heat_pair(d[d.stage == "final"], methods, f"{dataset}, test, mean over seeds"),
+                         "val": _heat_pair(d[d.stage == "tune"], methods, f"{dataset}, {val_split}, chosen tuning cells")})  # fmt: skip
     pairs = _pairs_table(diversity)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{html.escape(study)} · ensembles · peft-vision-bench</title><style>{CSS}{HEAT_CSS}</style></head>
-<body>
-<h1>{html.escape(study)}: prediction diversity and ensembles of PEFT methods</h1>
-<p class="note">{_md_inline(DEFINITIONS.format(q=q, val=val_split))}</p>
-{findings_html(ensemble_findings(per))}
-<h2>Ensemble vs best single method, averaged over data sets</h2>
-{_html_table(avg_shown.rename(columns=rename))}
-<h2>Per data set (test rows: mean over seeds)</h2>
-{_html_table(per_shown.rename(columns=rename))}
-<h2>Disagreement and error overlap</h2>
-{"".join(sections)}
-<h2>Method pairs (test; mean over seeds and data sets)</h2>
-{_html_table(pairs, digits=3) if not pairs.empty else "<p>No pair of methods has final runs.</p>"}
-<p class="note">Per-seed numbers: <code>ensembles.parquet</code>; per pair, split and seed: <code>diversity.parquet</code>.</p>
-</body></html>
-"""
+    return render(
+        "ensembles.html.j2", study=study, definitions=_md_parts(DEFINITIONS.format(q=q, val=val_split)),
+        averaged=table_model(avg_shown.rename(columns=rename)), per_dataset=table_model(per_shown.rename(columns=rename)),
+        gain_figure=figure(gain[1], gain[0], "ensemble gain", out_dir) if gain and out_dir is not None else None,
+        overall=_heat_pair(test_div, methods, "test, mean over seeds and data sets"), datasets=datasets,
+        pairs=table_model(pairs, digits=3) if not pairs.empty else None,
+        findings=findings_context(ensemble_findings(per)),
+    )  # fmt: skip
 
 
 def note_markdown(study: str, methods: list[str]) -> str:
@@ -475,5 +433,8 @@ def build_ensembles(
     write_parquet(out_dir / "ensembles.parquet", ensembles)
     write_parquet(out_dir / "diversity.parquet", diversity)
     write_text(out_dir / "ensembles.md", render_markdown(study, ensembles, diversity, q, val_split))
-    write_text(out_dir / "ensembles.html", render_html(study, ensembles, diversity, q, val_split, methods))
+    from .figures import ensemble_gain, save_figure
+
+    gain = (GAIN_CAPTION, save_figure(ensemble_gain(per_dataset_summary(ensembles)), out_dir / "figures", "ensemble_gain"))
+    write_text(out_dir / "ensembles.html", render_html(study, ensembles, diversity, q, val_split, methods, gain, out_dir))
     return ensembles

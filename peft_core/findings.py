@@ -259,10 +259,40 @@ def findings_markdown(findings: list[Finding]) -> list[str]:
     return ["## Findings (checked on these numbers)", "", *[f"- {f.line()}" for f in findings], ""]
 
 
-def findings_html(findings: list[Finding]) -> str:
-    import html
+def findings_context(findings: list[Finding]) -> list[dict[str, object]]:
+    """What the templates' ``findings`` macro shows: one item per finding."""
+    return [{"holds": f.holds, "line": f.line()} for f in findings]
 
-    if not findings:
-        return ""
-    items = "".join(f'<li class="{"holds" if f.holds else "fails"}">{html.escape(f.line())}</li>' for f in findings)
-    return f"<h2>Findings (checked on these numbers)</h2><ul>{items}</ul>"
+
+def upstream_text(study: Study) -> str | None:
+    """One sentence on how the demo backbone was pre-trained and how well (None for real checkpoints)."""
+    from .demo import upstream_metadata
+
+    pre = study.cfg.backbone.pretrain
+    meta = upstream_metadata(study.cfg.backbone.checkpoint) if pre is not None else None
+    if meta is None:
+        return None
+    acc = meta["accuracy"]
+    parts = ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items() if k != "mean")
+    mean = f"mean {100 * acc['mean']:.1f} %" if "mean" in acc else ""
+    return (
+        f"Backbone pre-trained on the demo's upstream task ({pre.images} images x {pre.epochs} epochs, "
+        f"distinct from every downstream data set): held-out accuracy {mean}" + (f" ({parts})" if parts else "") + "."
+    )
+
+
+CONVERGENCE_NOTE = (
+    "Training accuracy (%) / loss over the last epoch's batches, in training mode (dropout and drop-path on), "
+    "mean over the final seeds: an under-trained method shows here before it shows in the test table."
+)
+
+
+def convergence_text(conv: pd.DataFrame) -> pd.DataFrame:
+    """Methods x data sets, each cell ``"acc / loss"`` (empty frame when no cell recorded them)."""
+    if conv.empty or conv.final_train_accuracy.isna().all():
+        return pd.DataFrame()
+    methods, datasets = list(dict.fromkeys(conv.method)), list(dict.fromkeys(conv.dataset))
+    acc = conv.pivot(index="method", columns="dataset", values="final_train_accuracy").reindex(index=methods, columns=datasets)
+    loss = conv.pivot(index="method", columns="dataset", values="final_train_loss").reindex(index=methods, columns=datasets)
+    text = {d: [f"{a:.0f} / {b:.2f}" if not math.isnan(a) else "—" for a, b in zip(acc[d], loss[d])] for d in datasets}
+    return pd.DataFrame({"method": methods, **text})

@@ -2,15 +2,15 @@
 
 ``aggregate_dataset`` turns one data set's cell directories into tidy rows
 (one row per cell, tuning and final); ``build_report`` concatenates those
-into ``results.parquet`` and renders ``summary.md``, ``summary.csv`` and a
-self-contained ``index.html`` (inline CSS and SVG, no script, no network).
-The tables themselves live in ``summary.py`` (holes are never averaged over)
-and ``published.py`` (ours vs published, like with like).
+into ``results.parquet`` and renders ``summary.md``, ``summary.csv``, the paper
+files (figures, LaTeX tables, statistics: ``paper.py``) and a self-contained
+``index.html`` (``templates/index.html.j2``: inline CSS and SVG figures, no
+script, no network). The tables themselves live in ``summary.py`` (holes are
+never averaged over) and ``published.py`` (ours vs published, like with like).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
@@ -19,8 +19,17 @@ from typing import Any
 import pandas as pd
 
 from .config import Study
-from .demo import upstream_metadata
-from .findings import Finding, convergence_frame, findings_html, findings_markdown, study_findings
+from .findings import (
+    CONVERGENCE_NOTE,
+    convergence_frame,
+    convergence_text,
+    findings_context,
+    findings_markdown,
+    study_findings,
+    upstream_text,
+)
+from .pages import figure, render, render_table, table_model
+from .paper import MAIN_FIGURES, Outputs, write_outputs
 from .published import PUBLISHED_AS, published_frame, tuned_values  # noqa: F401 (re-exported)
 from .results import METRICS, SPEC, read_json, write_parquet, write_text
 from .summary import (  # noqa: F401 (rank_frame, summary_frame: re-exported)
@@ -169,7 +178,8 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     if info["deviations"]:
         lines += ["Deviations from the reference implementation:", ""]
         lines += [f"- {m}: {d}" for m, devs in info["deviations"].items() for d in devs] + [""]
-    lines += _upstream_lines(study)
+    up = upstream_text(study)
+    lines += [up, ""] if up else []
     lines += findings_markdown(study_findings(per, summ, sel, results, study))
     lines += ["## Test accuracy", ""]
     header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Coverage", "Params (M)", "PPT", "Mean rank"]
@@ -189,7 +199,10 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         _md_table(["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread"], srows, 3),
         "",
     ]
-    lines += _convergence_lines(convergence_frame(results))
+    conv = convergence_text(convergence_frame(results))
+    if len(conv):
+        lines += ["## Convergence (final runs, last epoch)", "", CONVERGENCE_NOTE, "",
+                  _md_table(list(conv.columns), conv.values.tolist()), ""]  # fmt: skip
     div = results[results.status != "ok"]
     short = per[per.seeds_ok < per.seeds_total]
     lines += [
@@ -208,44 +221,12 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     return "\n".join(lines)
 
 
-def upstream_text(study: Study) -> str | None:
-    """One sentence on how the demo backbone was pre-trained and how well (None for real checkpoints)."""
-    pre = study.cfg.backbone.pretrain
-    meta = upstream_metadata(study.cfg.backbone.checkpoint) if pre is not None else None
-    if meta is None:
+def _published(summ: pd.DataFrame, study: Study, per: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame | None:
+    """Ours vs the study's published table (None when it has none)."""
+    path = study.cfg.published
+    if not path or not Path(path).is_file():
         return None
-    acc = meta["accuracy"]
-    parts = ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items() if k != "mean")
-    mean = f"mean {100 * acc['mean']:.1f} %" if "mean" in acc else ""
-    return (
-        f"Backbone pre-trained on the demo's upstream task ({pre.images} images x {pre.epochs} epochs, "
-        f"distinct from every downstream data set): held-out accuracy {mean}" + (f" ({parts})" if parts else "") + "."
-    )
-
-
-def _upstream_lines(study: Study) -> list[str]:
-    text = upstream_text(study)
-    return [text, ""] if text else []
-
-
-def _convergence_lines(conv: pd.DataFrame) -> list[str]:
-    if conv.empty or conv.final_train_accuracy.isna().all():
-        return []
-    piv = conv.pivot(index="method", columns="dataset", values="final_train_accuracy")
-    loss = conv.pivot(index="method", columns="dataset", values="final_train_loss")
-    methods = list(dict.fromkeys(conv.method))
-    datasets = list(dict.fromkeys(conv.dataset))
-    rows = [[m, *[f"{piv.at[m, d]:.0f} / {loss.at[m, d]:.2f}" if not math.isnan(piv.at[m, d]) else HOLE for d in datasets]]
-            for m in methods]  # fmt: skip
-    return [
-        "## Convergence (final runs, last epoch)",
-        "",
-        "Training accuracy (%) / loss over the last epoch's batches, in training mode (dropout and drop-path on), "
-        "mean over the final seeds: an under-trained method shows here before it shows in the test table.",
-        "",
-        _md_table(["method", *datasets], rows),
-        "",
-    ]
+    return published_frame(summ, pd.read_csv(path), list(dict.fromkeys(per.dataset)), per, tuned_values(results))
 
 
 def _published_lines(
@@ -271,154 +252,6 @@ def _published_lines(
     ]
 
 
-def pareto_front(params: list[float], accuracy: list[float]) -> list[int]:
-    """Indices of the points no other point beats (fewer or equal params and higher accuracy), by params."""
-    order = sorted(range(len(params)), key=lambda i: (params[i], -accuracy[i]))
-    front, best = [], -math.inf
-    for i in order:
-        if accuracy[i] > best:
-            front.append(i)
-            best = accuracy[i]
-    return front
-
-
-def _label_position(
-    cx: float, cy: float, n_chars: int, placed: list[tuple[float, float, float, float]]
-) -> tuple[float, float]:
-    """First label position beside a point that overlaps no label placed before (greedy)."""
-    w, h = 6.2 * n_chars, 11.0
-    for dy in (-6, 14, -18, 26, -30, 38, -42, 50):
-        box = (cx + 8, cy + dy - h + 2, cx + 8 + w, cy + dy + 2)
-        if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
-            placed.append(box)
-            return box[0], cy + dy
-    placed.append((cx + 8, cy - 6 - h + 2, cx + 8 + w, cy - 4))
-    return cx + 8, cy - 6
-
-
-def _svg_scatter(summ: pd.DataFrame) -> str:
-    """Mean accuracy vs trainable parameters (log x); 0 params sit on the axis' left end."""
-    w, h, pad = 640, 360, 56
-    pts = summ.dropna(subset=["mean"])
-    if pts.empty:
-        return "<p>No finished final runs yet.</p>"
-    params = (pts.params_m * 1e6).clip(lower=1.0)
-    lx = params.map(math.log10)
-    x0, x1 = math.floor(min(lx.min(), 2)), math.ceil(max(lx.max(), 3))
-    y0, y1 = math.floor(pts["mean"].min() / 5) * 5 - 5, min(100, math.ceil(pts["mean"].max() / 5) * 5 + 5)
-    sx = lambda v: pad + (v - x0) / (x1 - x0) * (w - 2 * pad)  # noqa: E731
-    sy = lambda v: h - pad + (y0 - v) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" aria-label="accuracy vs parameters">']
-    parts.append(f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" class="frame"/>')
-    for e in range(x0, x1 + 1):
-        label = "≤1" if e == 0 else f"10<tspan dy='-6' font-size='9'>{e}</tspan>"
-        parts.append(f'<line x1="{sx(e):.1f}" x2="{sx(e):.1f}" y1="{pad}" y2="{h - pad}" class="grid"/>')
-        parts.append(f'<text x="{sx(e):.1f}" y="{h - pad + 18}" text-anchor="middle">{label}</text>')
-    for v in range(int(y0), int(y1) + 1, 5 if y1 - y0 <= 40 else 10):
-        parts.append(f'<line x1="{pad}" x2="{w - pad}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" class="grid"/>')
-        parts.append(f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
-    parts.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">trainable parameters (excl. head, log scale)</text>')
-    parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">mean test accuracy (%)</text>')
-    front = pareto_front(list(lx), list(pts["mean"]))
-    path = " ".join(f"{sx(lx.iloc[i]):.1f},{sy(pts['mean'].iloc[i]):.1f}" for i in front)
-    parts.append(f'<polyline points="{path}" class="front"><title>Pareto front</title></polyline>')
-    placed: list[tuple[float, float, float, float]] = []
-    for (_, r), x in sorted(zip(pts.iterrows(), lx), key=lambda item: item[1]):
-        cx, cy = sx(x), sy(r["mean"])
-        name = html.escape(r.method)
-        lx0, ly = _label_position(cx, cy, len(r.method), placed)
-        parts.append(
-            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" class="pt"><title>{name}: {r["mean"]:.2f}% at '
-            f'{int(round(r.params)):,} params</title></circle><text x="{lx0:.1f}" y="{ly:.1f}">{name}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _svg_sensitivity(sel: pd.DataFrame, methods: list[str]) -> str:
-    """Tuning sensitivity: per method, the validation-accuracy spread (max - min, points) over
-    its grid on each data set (dots) and their mean (bar). A one-configuration grid has none."""
-    sel = sel[sel.method.isin(methods)]
-    if sel.empty:
-        return "<p>No tuning cells yet.</p>"
-    rows = [m for m in methods if m in set(sel.method)]
-    row_h, left, pad, w = 22, 110, 40, 640
-    h = pad + row_h * len(rows) + 30
-    top = max(5.0, math.ceil(float(sel.grid_spread.max() or 0) / 5) * 5)
-    sx = lambda v: left + v / top * (w - left - 20)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" aria-label="tuning sensitivity">']
-    step = 5 if top <= 40 else 10
-    for v in range(0, int(top) + 1, step):
-        parts.append(f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{pad - 10}" y2="{h - 30}" class="grid"/>')
-        parts.append(f'<text x="{sx(v):.1f}" y="{h - 16}" text-anchor="middle">{v}</text>')
-    parts.append(f'<text x="{(left + w) / 2}" y="{h - 2}" text-anchor="middle">validation accuracy spread over the grid (points)</text>')
-    for i, method in enumerate(rows):
-        y = pad + i * row_h
-        mine = sel[sel.method == method]
-        mean = float(mine.grid_spread.mean())
-        name = html.escape(method)
-        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{name}</text>')
-        parts.append(f'<rect x="{left}" y="{y - 6}" width="{sx(mean) - left:.1f}" height="12" class="bar">'
-                     f'<title>{name}: mean spread {mean:.1f} points over {len(mine)} data set(s)</title></rect>')  # fmt: skip
-        for r in mine.itertuples():
-            parts.append(f'<circle cx="{sx(r.grid_spread):.1f}" cy="{y}" r="3" class="pt"><title>{name} on '
-                         f'{html.escape(r.dataset)}: {r.grid_spread:.1f} points over {int(r.grid_size)} configurations'
-                         f'</title></circle>')  # fmt: skip
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1f24;padding:0 1rem}
-h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}p.note{color:#57606a;max-width:60rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{padding:.3rem .55rem;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}th{background:#f6f8fa}td.best{font-weight:700;background:#dafbe1}
-li.holds::marker{content:"✓ ";color:#1a7f37}li.fails::marker{content:"✗ ";color:#cf222e}
-svg{max-width:680px;width:100%;font-size:11px;fill:#1b1f24}svg .frame{fill:none;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .pt{fill:#0969da}svg .front{fill:none;stroke:#cf222e;stroke-width:1.5;stroke-dasharray:4 3}svg .bar{fill:#d0d7de}
-"""
-
-
-def _html_table(
-    frame: pd.DataFrame,
-    best_cols: list[str] | None = None,
-    digits: int = 2,
-    eligible: pd.Series | None = None,
-    text: pd.DataFrame | None = None,
-) -> str:
-    """``frame`` as a table; the best value of each of ``best_cols`` in bold, among the ``eligible``
-    rows only (all by default); ``text`` (same index) overrides how cells are shown."""
-    pool = frame if eligible is None else frame[eligible.to_numpy(dtype=bool)]
-    best = {c: pool[c].max() for c in (best_cols or []) if c in frame and len(pool)}
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = []
-    for i, r in frame.iterrows():
-        tds = []
-        ok = eligible is None or bool(eligible.loc[i])
-        for c in frame.columns:
-            v = r[c]
-            cls = ' class="best"' if ok and c in best and isinstance(v, float) and v == best[c] else ""
-            shown = text.at[i, c] if text is not None and c in text else _fmt(v, digits)
-            tds.append(f"<td{cls}>{html.escape(shown)}</td>")
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _rank_heatmap(ranks: pd.DataFrame) -> str:
-    """Methods x datasets ranks as an HTML table with a green (best) to grey colour scale."""
-    n = max(len(ranks), 1)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["method", *ranks.columns])
-    body = []
-    for method, r in ranks.iterrows():
-        cells = []
-        for c in ranks.columns:
-            v = r[c]
-            shade = 0.0 if math.isnan(v) else 1 - (v - 1) / max(n - 1, 1)
-            style = f' style="background:rgba(26,127,55,{0.55 * shade:.2f})"' if c != "mean rank" else ""
-            cells.append(f"<td{style}>{_num(v, 1 if c == 'mean rank' else 0)}</td>")
-        body.append(f"<tr><td>{html.escape(str(method))}</td>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def _summary_html(summ: pd.DataFrame, per: pd.DataFrame, datasets: list[str], groups: list[str]) -> str:
     """The main table: cells flagged like the markdown's, best value per column among complete methods."""
     cols = ["method", *datasets, *groups, "mean", "coverage", "params", "ppt", "mean_rank"]
@@ -429,10 +262,87 @@ def _summary_html(summ: pd.DataFrame, per: pd.DataFrame, datasets: list[str], gr
     for c in [*groups, "mean", "PPT", "mean rank"]:
         text[c] = [_num(v, 1 if c == "mean rank" else 2) for v in frame[c]]
     text["params (M)"] = [HOLE if math.isnan(v) else _params_m(v) for v in frame["params (M)"]]
-    return _html_table(frame, [*datasets, *groups, "mean", "PPT"], eligible=summ.complete, text=text)
+    return table_model(frame, [*datasets, *groups, "mean", "PPT"], eligible=summ.complete, text=text, second=True)
 
 
-def render_html(results: pd.DataFrame, study: Study) -> str:
+def _html_table(frame: pd.DataFrame, best_cols: list[str] | None = None, digits: int = 2,
+                eligible: pd.Series | None = None, text: pd.DataFrame | None = None) -> str:  # fmt: skip
+    """``frame`` as an HTML table (best per column of ``best_cols`` marked), for the pages not
+    rendered from a template of their own."""
+    return render_table(table_model(frame, best_cols, digits, eligible, text))
+
+
+def _rank_table(ranks: pd.DataFrame) -> dict[str, Any]:
+    """Methods x data sets ranks as a table model, shaded green (best) to white."""
+    n = max(len(ranks), 1)
+    frame = ranks.reset_index(names="method")
+    model = table_model(frame, text=frame.apply(lambda c: c.map(lambda v: _num(v, 1 if c.name == "mean rank" else 0)
+                                                                if isinstance(v, float) else str(v))))  # fmt: skip
+    for row, (_, r) in zip(model["rows"], frame.iterrows()):
+        for cell, c in zip(row, frame.columns):
+            if c not in ("method", "mean rank") and not math.isnan(r[c]):
+                cell["style"] = f"background:rgba(26,127,55,{0.55 * (1 - (r[c] - 1) / max(n - 1, 1)):.2f})"
+    return model
+
+
+def _matrix(counts: pd.DataFrame, methods: list[str]) -> dict[str, Any]:
+    """Significance counts as a method x method table: row beats column on k of n data sets."""
+    frame = pd.DataFrame("", index=methods, columns=methods)
+    for r in counts.itertuples():
+        if r.method_a in frame.index and r.method_b in frame.index:
+            frame.loc[r.method_a, r.method_b] = f"{int(r.a_better)}/{int(r.datasets)}"
+            frame.loc[r.method_b, r.method_a] = f"{int(r.b_better)}/{int(r.datasets)}"
+    return table_model(frame.reset_index(names="better than →"))
+
+
+def outputs_context(outputs: Outputs | None, out_dir: Path | None) -> dict[str, Any]:
+    """The page's view of the paper files: inline figures, CIs, significance, costs, changes."""
+    from .stats import N_RESAMPLES
+
+    figs = {stem: None for stem in MAIN_FIGURES}
+    ctx: dict[str, Any] = {"figures": figs, "cd_figures": [], "ci": None, "counts": None, "costs": None,
+                           "changed": None, "paper_files": [], "n_resamples": N_RESAMPLES}  # fmt: skip
+    if outputs is None or out_dir is None:
+        return ctx
+    for stem, (caption, paths) in outputs.figures.items():
+        fig = figure(paths, caption, stem.replace("_", " "), out_dir)
+        if stem.startswith("cd_"):
+            ctx["cd_figures"].append(fig)
+        else:
+            figs[stem] = fig
+    ctx["paper_files"] = outputs.tables
+    if outputs.accuracy_ci is not None and len(outputs.accuracy_ci):
+        ci = outputs.accuracy_ci.assign(text=[f"{r.mean:.1f} [{r.ci_low:.1f}, {r.ci_high:.1f}]"
+                                              for r in outputs.accuracy_ci.itertuples()])  # fmt: skip
+        wide = ci.pivot(index="method", columns="dataset", values="text").reindex(
+            index=list(dict.fromkeys(ci.method)), columns=list(dict.fromkeys(ci.dataset))).fillna(HOLE)  # fmt: skip
+        ctx["ci"] = table_model(wide.reset_index())
+        ctx["counts"] = _matrix(outputs.counts, list(wide.index))
+    if len(outputs.costs):
+        costs = outputs.costs.rename(columns={"s_per_cell": "s / cell", "total_h": "total (h)",
+                                              "peak_memory_mb": "peak memory (MB)", "images_per_s": "images/s"})  # fmt: skip
+        text = pd.DataFrame({"s / cell": costs["s / cell"].map("{:.1f}".format), "total (h)": costs["total (h)"].map("{:.3g}".format),
+                             "peak memory (MB)": costs["peak memory (MB)"].map("{:.0f}".format),
+                             "images/s": costs["images/s"].map("{:.0f}".format)}, index=costs.index)  # fmt: skip
+        ctx["costs"] = table_model(costs, text=text)
+    ch = outputs.changes
+    if ch:
+        moves, cells = ch.get("moves"), ch.get("cells")
+        why = cells.why.value_counts().to_dict() if cells is not None and len(cells) else {}
+        ctx["changed"] = {
+            "baseline": ch.get("baseline", False), "n_cells": 0 if cells is None else len(cells),
+            "summary": ", ".join(f"{n} {w}" for w, n in why.items()) or "none",
+            "moves": table_model(moves.rename(columns={"before": "mean before (%)", "after": "mean now (%)",
+                                                       "delta": "change (points)", "largest_move": "largest move (points)",
+                                                       "new_datasets": "new data sets"})) if moves is not None and len(moves) else None,
+            "cells": table_model(cells) if cells is not None and len(cells) else None,
+        }  # fmt: skip
+    return ctx
+
+
+def render_html(results: pd.DataFrame, study: Study, outputs: Outputs | None = None, out_dir: Path | None = None) -> str:
+    """``index.html`` from ``templates/index.html.j2``; ``outputs`` (figures, statistics, costs,
+    changes: :func:`peft_core.paper.write_outputs`, written under ``out_dir``) where built."""
     per = final_table(results, study)
     summ = summary_frame(results, study, per)
     sel = selection_frame(results, study)
@@ -440,10 +350,6 @@ def render_html(results: pd.DataFrame, study: Study) -> str:
     groups = [g for g in GROUP_ORDER if g in summ.columns]
     cfg = study.cfg
     info = protocol(results, study, per)
-    deviations = "".join(
-        f"<li>{html.escape(m)}: {html.escape(d)}</li>" for m, devs in info["deviations"].items() for d in devs
-    )
-    deviations = f'<p class="note">Deviations from the reference implementation:</p><ul>{deviations}</ul>' if deviations else ""
     ppt_rank = summ.sort_values("ppt", ascending=False, kind="stable")[["method", "mean", "coverage", "params", "ppt"]]
     ppt_text = pd.DataFrame(
         {"mean": ppt_rank["mean"].map(_num), "ppt": ppt_rank.ppt.map(_num),
@@ -453,69 +359,23 @@ def render_html(results: pd.DataFrame, study: Study) -> str:
         columns={"val_accuracy": "val acc (%)", "trainable_params": "trainable", "weight_decay": "wd"}
     ).assign(lr=lambda f: f.lr.map("{:g}".format), wd=lambda f: f.wd.map("{:g}".format))
     sel_shown["trainable"] = sel_shown.trainable.map("{:,}".format)
-    extra = _findings_html(study, study_findings(per, summ, sel, results, study))
-    conv = _convergence_html(convergence_frame(results))
-    more = (
-        '<p class="note">Prediction diversity and ensembles of these methods: '
-        '<a href="ensembles.html">ensembles.html</a>.</p>'
-        if len(study.method_names()) >= 2
-        else ""
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{html.escape(study.name)} · peft-vision-bench</title><style>{CSS}</style></head>
-<body>
-<h1>{html.escape(study.name)}: PEFT methods on <code>{html.escape(cfg.backbone.model)}</code></h1>
-<p class="note">Split: <code>{html.escape(info["split"])}</code> (after training on <code>{cfg.data.final_train}</code>).
-Final seeds: {info["seeds"]}. Precision: {html.escape(info["precision"])}.</p>
-<p class="note">Top-1 accuracy (%), mean ± std over the finished seeds; {html.escape(HOLES_NOTE)}
-Configurations selected by accuracy on <code>{cfg.data.tune_eval}</code> (never on test).
-Params exclude the classification head; PPT = M·exp(−log10(P/10<sup>7</sup>+1)). Best value per column (complete methods) in bold.</p>
-{deviations}
-{extra}
-<h2>Test accuracy, group means, parameters and PPT</h2>
-{_summary_html(summ, per, datasets, groups)}
-<h2>Accuracy vs trainable parameters</h2>
-<p class="note">Dashed red: the Pareto front (no method is both smaller and more accurate). Complete methods only.</p>
-{_svg_scatter(summ)}
-<h2>Ranks per data set</h2>
-<p class="note">1 = best test accuracy on that data set among complete methods; sorted by mean rank. A method with a hole
-shows the rank it would take among them and comes last, without a mean rank.</p>
-{_rank_heatmap(rank_frame(summ, datasets))}
-<h2>PPT ranking</h2>
-{_html_table(ppt_rank.rename(columns={"params": "params (M)", "ppt": "PPT"}), text=ppt_text.rename(columns={"params": "params (M)", "ppt": "PPT"}))}
-<h2>Tuning sensitivity</h2>
-<p class="note">How much the validation accuracy moves over each method's hyper-parameter grid (max − min):
-dots are data sets, bars their mean. A large spread means the method needs its tuning budget.</p>
-{_svg_sensitivity(sel, study.method_names())}
-<h2>Selected configurations</h2>
-{_html_table(sel_shown)}
-{conv}
-<p class="note">{len(results)} cells in <code>results.parquet</code>; {int((results.status != 'ok').sum())} diverged.</p>
-{more}
-</body></html>
-"""
-
-
-def _findings_html(study: Study, findings: list[Finding]) -> str:
-    up = upstream_text(study)
-    return (f'<p class="note">{html.escape(up)}</p>' if up else "") + findings_html(findings)
-
-
-def _convergence_html(conv: pd.DataFrame) -> str:
-    if conv.empty or conv.final_train_accuracy.isna().all():
-        return ""
-    acc = conv.pivot(index="method", columns="dataset", values="final_train_accuracy")
-    loss = conv.pivot(index="method", columns="dataset", values="final_train_loss")
-    order = list(dict.fromkeys(conv.method))
-    acc, loss = acc.loc[order, list(dict.fromkeys(conv.dataset))], loss.loc[order, list(dict.fromkeys(conv.dataset))]
-    text = acc.combine(loss, lambda a, b: [HOLE if math.isnan(x) else f"{x:.0f} / {y:.2f}" for x, y in zip(a, b)])
-    frame = acc.reset_index()
-    return (
-        "<h2>Convergence (final runs, last epoch)</h2>"
-        '<p class="note">Training accuracy (%) / loss over the last epoch, training mode, mean over final seeds.</p>'
-        + _html_table(frame, text=text.reset_index())
-    )
+    names = {"params": "params (M)", "ppt": "PPT"}
+    context = {
+        "study": study.name, "backbone": cfg.backbone.model, "split": info["split"], "final_train": cfg.data.final_train,
+        "seeds": info["seeds"], "precision": info["precision"], "holes_note": HOLES_NOTE, "tune_eval": cfg.data.tune_eval,
+        "deviations": [(m, d) for m, devs in info["deviations"].items() for d in devs],
+        "summary": _summary_html(summ, per, datasets, groups),
+        "ranks": _rank_table(rank_frame(summ, datasets)),
+        "ppt": table_model(ppt_rank.rename(columns=names), text=ppt_text.rename(columns=names)),
+        "selection": table_model(sel_shown),
+        "n_cells": len(results), "n_diverged": int((results.status != "ok").sum()),
+        "ensembles_link": len(study.method_names()) >= 2,
+        "upstream": upstream_text(study), "findings": findings_context(study_findings(per, summ, sel, results, study)),
+        "convergence": table_model(conv) if len(conv := convergence_text(convergence_frame(results))) else None,
+        "convergence_note": CONVERGENCE_NOTE,
+    }  # fmt: skip
+    context.update(outputs_context(outputs, out_dir))
+    return render("index.html.j2", **context)
 
 
 def results_table(results: pd.DataFrame, per: pd.DataFrame) -> pd.DataFrame:
@@ -532,7 +392,10 @@ def results_table(results: pd.DataFrame, per: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def build_report(study: Study, tables: list[Path], out_dir: Path) -> pd.DataFrame:
+def build_report(study: Study, tables: list[Path], out_dir: Path, results_root: Path | None = None) -> pd.DataFrame:
+    """results.parquet, summary.{csv,md}, the paper files (:mod:`peft_core.paper`) and index.html.
+    ``results_root`` (``results/<study>``): where the final runs' predictions are (for the
+    confidence intervals and paired tests) and where the previous results table is kept."""
     results = pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     per = final_table(results, study)
@@ -540,5 +403,9 @@ def build_report(study: Study, tables: list[Path], out_dir: Path) -> pd.DataFram
     summ = detail_columns(summary_frame(results, study, per), per)
     write_text(out_dir / "summary.csv", summ.to_csv(index=False, float_format="%.4f"))
     write_text(out_dir / "summary.md", render_markdown(results, study))
-    write_text(out_dir / "index.html", render_html(results, study))
+    base = summary_frame(results, study, per)
+    frames = {"per": per, "summ": base, "sel": selection_frame(results, study),
+              "ranks": rank_frame(base, list(dict.fromkeys(per.dataset)))}  # fmt: skip
+    outputs = write_outputs(results, study, frames, out_dir, results_root, _published(base, study, per, results))
+    write_text(out_dir / "index.html", render_html(results, study, outputs, out_dir))
     return results

@@ -65,6 +65,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def write_with(path: str | Path, write: Callable[[str], None]) -> None:
+    """Atomically create ``path`` by calling ``write(temporary_path)``."""
+    _atomic(Path(path), write)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     text = json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
     _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -136,7 +136,7 @@ def test_ppt_reproduces_vpeft_bench_table():
 
 
 def test_pareto_front():
-    from peft_core.report import pareto_front
+    from peft_core.figures import pareto_front
 
     params = [0, 10, 5, 100, 100, 50]
     acc = [30, 40, 45, 50, 49, 45]

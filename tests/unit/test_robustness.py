@@ -25,7 +25,8 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # Cell ids of tests/configs/tiny.yaml's tuning cells without layouts or shifted sets
 # (ids since precision, schedule, init and interpolation joined the spec): neither
 # a data layout nor a shifted set may change a cell's identity.
-TINY_IDS = ["46cc89867a", "6d91b51956", "27e97c26c0"]
+# (the linear cell id moved when LinearHP gained `norm`, default "none")
+TINY_IDS = ["da4823d5d5", "6d91b51956", "27e97c26c0"]
 
 
 def tiny() -> dict:
@@ -276,6 +277,13 @@ def test_report_renders(tmp_path):
     assert "## digits: ID `test` vs `colour` (test), `sketch` (val)" in md
     assert "| vpt_deep (not mergeable) |   1 |" in md and "OOD mean" in md
     page = (tmp_path / "out" / "robustness.html").read_text()
-    assert page.count("<polyline") == 2 * 3  # two mergeable methods x (two OOD sets + their mean)
-    assert "<script" not in page.lower() and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # one inline figure per OOD set and their mean, each also saved as PDF, SVG and PNG
+    assert page.count("<figure") == 3 and page.count("<svg") == 3
+    for s in ("colour", "sketch", "ood_mean"):
+        for fmt in ("pdf", "svg", "png"):
+            assert (tmp_path / "out" / "figures" / f"wise_digits_{s}.{fmt}").stat().st_size > 0
+    namespaces = ('xmlns="http://www.w3.org/2000/svg"', 'xmlns:xlink="http://www.w3.org/1999/xlink"')
+    for ns in namespaces:  # namespace names, never fetched
+        page = page.replace(ns, "")
+    assert "<script" not in page.lower() and "http://" not in page
     assert len(pd.read_parquet(tmp_path / "out" / "robustness.parquet")) == len(_rows())

@@ -66,6 +66,13 @@ def test_report_files_and_tables(study):
     assert len(tuning) == 3 and len(final) == 2
     summary = (report / "summary.md").read_text()
     assert "| linear" in summary and "| lora" in summary and "PPT" in summary
+    # paper-ready files beside the HTML
+    for name in ("tables/accuracy.tex", "tables/tables.tex", "figures/cd_all.pdf", "figures/accuracy_params.svg",
+                 "stats/accuracy_ci.csv", "stats/pairwise.csv", "figures/ensemble_gain.png",
+                 "figures/wise_digits_digits_colour.pdf"):  # fmt: skip
+        assert (report / name).stat().st_size > 0, name
+    ci = pd.read_csv(report / "stats" / "accuracy_ci.csv")
+    assert set(ci.method) == {"linear", "lora"} and (ci.ci_low <= ci["mean"]).all() and (ci["mean"] <= ci.ci_high).all()
 
 
 def test_ensembles_report(study):
@@ -146,9 +153,14 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
     page = open_offline(browser, study["report"] / "index.html")
     assert "tiny" in page.title()
     assert page.locator("table").count() >= 2
-    assert page.locator("svg circle").count() >= 2  # one point per method in the scatter
-    sensitivity = page.locator('svg[aria-label="tuning sensitivity"]')
-    assert sensitivity.count() == 1 and sensitivity.locator("rect.bar").count() == 2  # linear, lora
+    # the report's figures are inlined (no request) and linked as files beside the page
+    for label in ("accuracy params", "rank heatmap", "sensitivity", "cd all", "cd natural"):
+        fig = page.locator(f'figure[aria-label="{label}"]')
+        assert fig.count() == 1 and fig.locator("svg").count() == 1, label
+        assert fig.locator("svg").bounding_box()["width"] > 200, label
+    for href in page.locator("figure a").evaluate_all("links => links.map(a => a.getAttribute('href'))"):
+        assert (study["report"] / href).is_file(), href
+    assert "Cost per method" in page.inner_text("body") and "What changed" in page.inner_text("body")
     text = page.inner_text("body")
     assert "linear" in text and "lora" in text and "PPT" in text
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
@@ -158,8 +170,8 @@ def test_html_report_in_headless_browser(study, browser, tmp_path):
 def test_robustness_html_in_headless_browser(study, browser, tmp_path):
     page = open_offline(browser, study["report"] / "robustness.html")
     assert "robustness" in page.title()
-    assert page.locator("svg polyline").count() == 2  # one ID-vs-OOD curve per (mergeable) method
-    assert page.locator("svg circle").count() == 2 * 3  # one point per alpha
+    fig = page.locator('figure[aria-label="digits ID vs digits_colour"]')  # the ID-vs-OOD curves, inlined
+    assert fig.count() == 1 and fig.locator("svg").count() == 1
     assert page.locator("table").count() >= 1
     text = page.inner_text("body")
     assert "digits_colour" in text and "linear" in text and "lora" in text

@@ -10,6 +10,7 @@ from peft_core.config import load_study
 from peft_core.errors import InputError
 from peft_core.methods import get_method
 from peft_core.packs import group_into_packs, pack_id
+from peft_core.paper import FORMATS, report_outputs
 from peft_core.server import Background
 
 if not config:
@@ -177,7 +178,12 @@ def report_files():
     return [
         f"{REPORT}/{name}"
         for name in ("summary.md", "summary.csv", "results.parquet", "index.html")
-    ]
+    ] + paper_files()
+
+
+def paper_files():
+    """build_report's figures, LaTeX tables and statistics (peft_core/paper.py names them)."""
+    return [f"{REPORT}/{name}" for name in report_outputs(STUDY)]
 
 
 def ensemble_files():
@@ -185,6 +191,7 @@ def ensemble_files():
     names = ["ensembles.md"]
     if len(METHODS) >= 2:
         names += ["ensembles.html", "ensembles.parquet", "diversity.parquet"]
+        names += [f"figures/ensemble_gain.{fmt}" for fmt in FORMATS]
     return [f"{REPORT}/{name}" for name in names]
 
 

@@ -31,6 +31,8 @@ rule build_report:
         html=report(
             f"{REPORT}/index.html", category="Summary", labels={"table": "html"}
         ),
+        # figures/*.{pdf,svg,png}, tables/*.tex, stats/*.csv (peft_core/paper.py)
+        paper=paper_files(),
     log:
         f"{LOGS}/build_report.log",
     conda:
@@ -38,6 +40,8 @@ rule build_report:
     params:
         config=json.dumps(config),
         out_dir=lambda wc, output: Path(output.md).parent,
+        # RES: the final runs' predictions (confidence intervals) and the results history
+        results=lambda wc, input: Path(input[0]).parent.parent,
     shell:
         "python -m peft_core.cli report --config {params.config:q} --tables {input:q} --out-dir {params.out_dir:q} "
-        "> {log:q} 2>&1"
+        "--results {params.results:q} > {log:q} 2>&1"

@@ -100,6 +100,7 @@ rule robustness_report:
             labels={"table": "html"},
         ),
         parquet=f"{REPORT}/robustness.parquet",
+        figures=robustness_figures(),
     log:
         f"{LOGS}/robustness_report.log",
     conda:

@@ -4,6 +4,7 @@
 import re
 
 from peft_core.robustness import ID_SET, plan_json
+from peft_core.robustness_report import figure_stem
 
 OOD_DATASETS = [d for d in DATASETS if STUDY.ood_sets(d)]
 OOD_NAMES = sorted({n for d in OOD_DATASETS for n in STUDY.ood_sets(d)})
@@ -41,7 +42,20 @@ def robustness_files():
     """Outputs of robustness_report: none when no data set declares shifted sets."""
     if not OOD_DATASETS:
         return []
-    return [f"{REPORT}/robustness.{ext}" for ext in ("md", "html", "parquet")]
+    return [
+        f"{REPORT}/robustness.{ext}" for ext in ("md", "html", "parquet")
+    ] + robustness_figures()
+
+
+def robustness_figures():
+    """figures/wise_<dataset>_<set>.*: per shifted set, and their mean when there are several."""
+    sets = {d: list(STUDY.ood_sets(d)) for d in OOD_DATASETS}
+    return [
+        f"{REPORT}/figures/{figure_stem(d, s)}.{fmt}"
+        for d, names in sets.items()
+        for s in names + (["ood_mean"] if len(names) > 1 else [])
+        for fmt in FORMATS
+    ]
 
 
 def split_listing(root, split, layout):
