@@ -159,7 +159,10 @@ def converged(conv: pd.DataFrame, threshold: float = 90.0) -> list[Finding]:
             low.empty,
             f"{len(conv) - len(low)} of {len(conv)} final (data set, method) runs end with training accuracy "
             f">= {threshold:g} %"
-            + ("" if low.empty else "; below: " + ", ".join(f"{r.dataset}/{r.method} {r.final_train_accuracy:.0f}" for r in low.itertuples())),
+            + f" (median {conv.final_train_accuracy.median():.0f} %)"
+            + ("" if low.empty else "; lowest: " + ", ".join(
+                f"{r.dataset}/{r.method} {r.final_train_accuracy:.0f}"
+                for r in low.nsmallest(5, "final_train_accuracy").itertuples())),  # fmt: skip
             {"below": float(len(low))},
         )
     ]

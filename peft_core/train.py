@@ -175,13 +175,25 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What training changed: the trainable parameters plus the running statistics of
+    BatchNorm layers (buffers, e.g. the linear probe's ``norm='batchnorm'``), which a
+    reloaded cell needs to give the logits it gave."""
+    out = dict(_trainable(model))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            prefix = f"{name}." if name else ""
+            out.update({prefix + k: b for k, b in module.named_buffers(recurse=False) if b is not None})
+    return out
+
+
 def save_resume(path: Path, spec: CellSpec, model, opt, gen, epoch: int, step: int, images: int) -> None:
     state = {
         "cell": spec.cell_id,
         "epoch": epoch,
         "step": step,
         "images": images,
-        "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+        "params": {n: p.detach().cpu() for n, p in trained_state(model).items()},
         "optimizer": opt.state_dict(),
         "gen": gen.get_state(),
         "rng": torch.get_rng_state(),
@@ -199,7 +211,7 @@ def load_resume(path: Path, spec: CellSpec, model, opt, gen) -> tuple[int, int, 
     if state.get("cell") != spec.cell_id:
         raise InputError(f"{path}: resume state of cell {state.get('cell')}, not {spec.cell_id}")
     with torch.no_grad():
-        for n, p in _trainable(model).items():
+        for n, p in trained_state(model).items():
             p.copy_(state["params"][n])
     opt.load_state_dict(state["optimizer"])
     hook = get_method(spec.method).step_hook
@@ -389,7 +401,7 @@ def run_cell(
     }
     write_safetensors(
         out_dir / WEIGHTS,
-        {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+        {n: p.detach().cpu().contiguous() for n, p in trained_state(model).items()},
         metadata={"spec": spec.canonical_json()},
     )
     write_json(out_dir / SPEC, spec.model_dump(mode="json"))

@@ -11,6 +11,10 @@ default ``norm='none'``.
 Mergeable: the backbone is untouched, and the normalisation folds into the
 head (``W / sigma``, ``b - W mu / sigma``, running statistics), leaving a plain
 timm model; 0 trainable backbone parameters either way.
+
+Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
+
+* option norm='batchnorm' (MAE's linear-probing recipe: parameter-free BatchNorm before the head) is not in the reference; the default norm='none' is the reference's plain head
 """
 
 from __future__ import annotations

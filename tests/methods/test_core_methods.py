@@ -154,3 +154,27 @@ def test_linear_batchnorm_probe_trains_head_only_and_folds_into_a_plain_head(fam
     plain.load_state_dict(merged.state_dict(), strict=True)
     with torch.no_grad():
         assert (plain.eval()(x) - before).abs().max().item() <= 1e-5
+
+
+def test_batchnorm_probe_cell_reloads_with_its_running_statistics(tmp_path, monkeypatch):
+    """The running statistics are trained state: saved with the cell, so a reloaded cell (WiSE-FT,
+    merge) gives the logits the cell gave; a linear probe's WiSE-FT curve is flat."""
+    from peft_core.data import load_split
+    from peft_core.merge import load_cell_model
+    from peft_core.train import evaluate, run_cell
+    from peft_core.wise import wise_models
+
+    from ..toycell import spec, write_inputs
+
+    monkeypatch.chdir(tmp_path)
+    write_inputs(tmp_path)
+    cell = spec("linear", {"norm": "batchnorm"}, epochs=2, drop_path=0.0)
+    run_cell(cell, "train.pt", "eval.pt", "backbone.safetensors", tmp_path / "cell", log=lambda *_: None)
+    import pandas as pd
+
+    saved = pd.read_parquet(tmp_path / "cell" / "predictions.parquet")
+    s, model = load_cell_model(tmp_path / "cell", None)
+    images = load_split("eval.pt").images
+    assert evaluate(model, s, images).argmax(1).tolist() == saved.pred.tolist()
+    logits = [evaluate(m, s, images).clone() for _, m in wise_models(s, model, [0.0, 1.0])]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
