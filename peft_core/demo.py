@@ -331,9 +331,10 @@ def upstream_metadata(path: str | Path) -> dict[str, object] | None:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     meta = header.get("__metadata__", {})
-    if "upstream_accuracy" not in meta:
+    if "upstream" in meta:
+        up = json.loads(meta["upstream"])
+        return {"accuracy": up["accuracy"], "images": up.get("images")}
+    if "upstream_accuracy" not in meta:  # not a demo checkpoint
         return None
-    acc = json.loads(meta["upstream_accuracy"])
-    if not isinstance(acc, dict):  # written by an older demo: one number
-        acc = {"mean": float(acc)}
-    return {"accuracy": acc, "images": int(meta.get("upstream_images", 0)) or None}
+    acc = json.loads(meta["upstream_accuracy"])  # written by an older demo
+    return {"accuracy": acc if isinstance(acc, dict) else {"mean": float(acc)}, "images": None}

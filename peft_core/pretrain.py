@@ -86,7 +86,9 @@ def pretrain_demo(backbone: BackboneConfig, out: str | Path, threads: int = 2, l
     acc["mean"] = round(sum(acc.values()) / len(acc), 4)
     log(f"pretrain upstream held-out accuracy {json.dumps(acc)}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    meta = {"upstream_accuracy": json.dumps(acc, sort_keys=True), "upstream_images": str(cfg.images)}
+    # One metadata key: safetensors writes its metadata map in no fixed order, so two keys
+    # could make two runs' files differ in bytes (and every cell look stale) with equal weights.
+    meta = {"upstream": json.dumps({"accuracy": acc, "images": cfg.images, "epochs": cfg.epochs}, sort_keys=True)}
     _atomic(Path(out), lambda tmp: save_file(state, tmp, metadata=meta))
     return acc
 
