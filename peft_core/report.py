@@ -175,12 +175,12 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         "PPT = Mean/100 · exp(−log10(Params/10⁷ + 1)).",
         "",
     ]
-    if info["deviations"]:
-        lines += ["Deviations from the reference implementation:", ""]
-        lines += [f"- {m}: {d}" for m, devs in info["deviations"].items() for d in devs] + [""]
     up = upstream_text(study)
     lines += [up, ""] if up else []
     lines += findings_markdown(study_findings(per, summ, sel, results, study))
+    if info["deviations"]:
+        lines += ["Deviations from the reference implementation:", ""]
+        lines += [f"- {m}: {d}" for m, devs in info["deviations"].items() for d in devs] + [""]
     lines += ["## Test accuracy", ""]
     header = ["method", *datasets, *[g.capitalize() for g in groups], "Mean", "Coverage", "Params (M)", "PPT", "Mean rank"]
     rows = [
