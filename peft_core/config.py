@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import InputError
 
@@ -161,6 +171,15 @@ class BackboneConfig(Strict):
     )
 
 
+class PaceConfig(Strict):
+    """PACE (Ni et al., 2024): consistency regularisation under multiplicative noise on adapter outputs."""
+
+    sigma: float = Field(
+        ge=0, description="std of the noise z ~ N(1, sigma^2) multiplying each adapter output (per sample, per channel)"
+    )
+    weight: float = Field(ge=0, description="lambda: weight of the mean over samples of ||f1(x) - f2(x)||^2 (logits)")
+
+
 class TrainConfig(Strict):
     lr: list[Annotated[float, Field(gt=0)]] = Field(
         [1e-3, 1e-2], min_length=1, description="lr grid", json_schema_extra={"x-grid": True}
@@ -191,6 +210,11 @@ class TrainConfig(Strict):
         "(compute.train.gpu > 0 or device cuda), else fp32; resolved before the cell id is computed",
     )
     compile: bool = Field(False, description="torch.compile the model (pays off for long GPU cells)")
+    pace: PaceConfig | None = Field(
+        None,
+        description="optional PACE regulariser (adapter / LoRA methods only; peft_core/pace.py): two forward "
+        "passes with independent noise on the adapter outputs; part of the cell id when set",
+    )
     tune_seed: int = Field(0, description="seed of every tuning cell")
     final_seeds: list[int] = Field(
         [0, 1, 2], min_length=1, description="one final run per seed", json_schema_extra={"x-grid": True}
@@ -435,6 +459,7 @@ class Study:
                 init=t.init,
                 precision=self.precision(),
                 compile=t.compile,
+                pace=t.pace,
             )
             for hp in self.method_grid(method)
             for lr in lrs
@@ -542,6 +567,11 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
     except ValidationError as err:
         raise InputError(format_validation_error(err)) from None
     check_ood(study)
+    if study.cfg.train.pace is not None:
+        from .pace import check_method
+
+        for method in study.method_names():
+            check_method(method)
     return study
 
 
@@ -601,6 +631,15 @@ class CellSpec(Strict):
     init: Literal[INITS]  # type: ignore[valid-type]
     precision: Literal["bf16", "fp32"]  # resolved: a CPU-fp32 and a GPU-bf16 cell never share an id
     compile: bool = False
+    #: PACE regulariser; omitted from every dump when None, so cells without it keep their ids
+    pace: PaceConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_pace_off(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("pace", 0) is None:
+            del out["pace"]
+        return out
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -30,6 +30,7 @@ from .data import load_split, to_float
 from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
+from .pace import Pace, check_method
 from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
 
@@ -241,6 +242,7 @@ def train(
     hook, hp = get_method(spec.method).step_hook, get_method(spec.method).hparams(**spec.hparams)
     total_steps = spec.epochs * steps_per_epoch
     dtype = autocast_dtype(spec.precision)
+    pace = Pace(model, spec.method, spec.pace.sigma, spec.pace.weight, spec.seed) if spec.pace else None
     fwd = forward_fn(model, spec)
     out = Outcome()
     step, first_epoch = 0, 0
@@ -258,8 +260,11 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, spec)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = fwd(to_float(x[idx], spec.normalize))
-                loss = F.cross_entropy(logits, y[idx])
+                if pace is None:
+                    logits = fwd(to_float(x[idx], spec.normalize))
+                    loss = F.cross_entropy(logits, y[idx])
+                else:  # two passes with independent noise on the adapter outputs (peft_core/pace.py)
+                    loss, logits, _ = pace.loss(fwd, to_float(x[idx], spec.normalize), y[idx], step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -280,6 +285,8 @@ def train(
             save_resume(resume, spec, model, opt, gen, epoch + 1, step, out.images)
             log(f"preempted: state saved to {resume} after epoch {epoch + 1}")
             raise Preempted(str(resume))
+    if pace is not None:
+        pace.remove()
     return out
 
 
@@ -320,6 +327,8 @@ def run_cell(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
+    if spec.pace is not None:
+        check_method(spec.method)  # before any data is read
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     dev = pick_device(device)

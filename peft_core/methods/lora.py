@@ -66,13 +66,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=device, dtype=dtype))
         self.register_buffer("rows", rows, persistent=False)
+        self.update = nn.Identity()  # the update branch's output, a hook point (PACE's noise; no parameters)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_b @ self.lora_a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        delta = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        delta = self.update(F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale)
         if self.rows is None:
             return out + delta
         return out.index_add(-1, self.rows, delta)

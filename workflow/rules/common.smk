@@ -53,7 +53,7 @@ def code_path(path):
 
 ENGINE_CODE = [
     code_path(REPO / "peft_core" / f)
-    for f in ("train.py", "backbones.py", "data.py", "init.py")
+    for f in ("train.py", "pace.py", "backbones.py", "data.py", "init.py")
 ]
 # A method's own file and the private helpers it imports (e.g. _adapter.py):
 # editing them reruns only the cells of the methods that use them.
