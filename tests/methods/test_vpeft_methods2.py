@@ -1,0 +1,180 @@
+"""More V-PEFT Bench methods (arXiv 2402.02242): U-Tuning, SNF, HST, held to the shared contract.
+
+As in test_vpeft_methods.py: counts against the closed-form formula of each
+module's docstring, and against V-PEFT Bench's params column where the
+docstring names a setting that matches it like-with-like.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from torch import nn
+
+from peft_core.methods import get_method
+
+from . import checks as c
+
+ROOT = Path(__file__).resolve().parents[2]
+GRIDS = ROOT / "config" / "method_grids"
+PUBLISHED = ROOT / "config" / "published"
+FAMILIES = list(c.BACKBONES)
+METHODS = ["utuning"]
+MERGEABLE: list[str] = []
+# mean FGVC head on ViT-B/16 (weight + bias; CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196)
+FGVC_MEAN_HEAD = 769 * (200 + 555 + 102 + 120 + 196) / 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def vit_b16_shapes() -> nn.Module:
+    with torch.device("meta"):
+        return c.vit_b16()
+
+
+def _ids(v):
+    return "-".join(map(str, v.values())) if isinstance(v, dict) else str(v)
+
+
+# ---------------------------------------------------------------- parameter counts
+COUNTS = [
+    # utuning: 18,432 l + 18,444 r + 9,216 (the last two only when r > 0)
+    ("utuning", {}, 175_152),
+    ("utuning", {"prefix_length": 10, "bottleneck": 0}, 184_320),
+    ("utuning", {"prefix_length": 0, "bottleneck": 8}, 18_444 * 8 + 9_216),
+]
+
+
+@pytest.mark.parametrize("name, hp, expected", COUNTS, ids=_ids)
+def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
+    assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
+
+
+@pytest.mark.parametrize("name, hp", [("utuning", {})], ids=_ids)
+def test_meta_count_equals_real_vit_b16(name, hp):
+    real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
+    assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
+
+
+# our method, its hyper-parameters, published table, its row, head added to match its convention
+PUBLISHED_COUNTS = [
+    ("utuning", {}, "fgvc", "U-Tuning", FGVC_MEAN_HEAD),  # our default sizes, chosen to this (docstring)
+]
+
+
+@pytest.mark.parametrize("name, hp, table, row, head", PUBLISHED_COUNTS, ids=lambda v: _ids(v) if not isinstance(v, float) else "")
+def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
+    published = pd.read_csv(PUBLISHED / f"vpeft_bench_{table}.csv").set_index("method")
+    ours = c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) + head
+    assert round(ours / 1e6, 2) == pytest.approx(float(published.loc[row, "params_m"]))
+
+
+# ---------------------------------------------------------------- gradients
+GRAD_CASES = [(f, "utuning", {"prefix_length": 2, "bottleneck": 8}) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
+def test_every_trainable_tensor_learns(family, name, hp):
+    c.check_gradients(c.apply(c.tiny_model(family), name, **hp))
+
+
+def test_utuning_trains_only_its_tuners():
+    model = c.apply(c.tiny_model("dinov2_reg"), "utuning", prefix_length=2, bottleneck=8)
+    expected = {f"blocks.{i}.attn.prefix_{kv}" for i in range(4) for kv in "kv"}
+    expected |= {f"blocks.{i}.mlp.adapter.{p}.{t}" for i in range(4) for p in ("down", "up") for t in ("weight", "bias")}
+    c.check_gradients(model, expected=expected)
+
+
+# ---------------------------------------------------------------- identity
+IDENTITY_CASES = [(f, "utuning", {"prefix_length": 0, "bottleneck": 4, "scale": 3.0}) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family, name, hp", IDENTITY_CASES, ids=_ids)
+def test_identity_at_init(family, name, hp):
+    c.check_identity_at_init(family, name, **hp)
+
+
+def test_utuning_block_by_hand():
+    base = c.tiny_model("vit")
+    peft = c.apply(copy.deepcopy(base), "utuning", prefix_length=3, bottleneck=4, scale=0.5)
+    c.randomize_new_params(peft, base)
+    peft.eval()
+    blk = peft.blocks[1]
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        u = blk.norm2(x)
+        a = blk.mlp.adapter
+        want = blk.mlp.base(u) + 0.5 * a.up(torch.relu(a.down(u)))
+        assert torch.allclose(blk.mlp(u), want, atol=1e-6)
+        # the prefix tuner is the frozen attention plus a parallel term (He et al. 2022, eq. 7)
+        attn, h = blk.attn, 32
+        q, k, v = attn.base.qkv(x).chunk(3, dim=-1)
+        out = []
+        for hq, hk, hv, pk, pv in zip(q.chunk(2, -1), k.chunk(2, -1), v.chunk(2, -1),
+                                      attn.prefix_k.chunk(2, -1), attn.prefix_v.chunk(2, -1)):  # fmt: skip
+            s_x, s_p = (hq @ hk.transpose(1, 2) / h**0.5).exp(), (hq @ pk.T / h**0.5).exp()
+            lam = s_p.sum(-1, keepdim=True) / (s_p.sum(-1, keepdim=True) + s_x.sum(-1, keepdim=True))
+            frozen = torch.softmax(hq @ hk.transpose(1, 2) / h**0.5, -1) @ hv
+            tuner = torch.softmax(hq @ pk.T / h**0.5, -1) @ pv
+            out.append((1 - lam) * frozen + lam * tuner)
+        assert torch.allclose(attn(x), attn.base.proj(torch.cat(out, -1)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- contract
+@pytest.mark.parametrize("name", METHODS)
+def test_no_state_leaks_between_models(name):
+    c.check_no_leak(name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_registry_entry(name):
+    method = get_method(name)
+    assert method.mergeable == (name in MERGEABLE)
+    assert method.summary and len(method.summary) < 110
+    for field, info in method.hparams.model_fields.items():
+        assert info.description, f"{name}.{field} has no description"
+    doc = method.source.read_text().split('"""')[1]
+    assert "arXiv" in doc or "github" in doc.lower() or "repository" in doc
+    assert len(method.source.read_text().splitlines()) < 400
+
+
+BAD = [
+    ("utuning", {"prefix_length": 0, "bottleneck": 0}, "prefix_length"),
+    ("utuning", {"bottleneck": -1}, "bottleneck"),
+    ("utuning", {"scale": 0}, "scale"),
+    ("utuning", {"dropout": 1.0}, "dropout"),
+    ("utuning", {"length": 5}, "length"),
+]
+
+
+@pytest.mark.parametrize("name, hp, field", BAD, ids=_ids)
+def test_bad_hyper_parameters_name_the_field(name, hp, field):
+    with pytest.raises(ValidationError) as err:
+        get_method(name).hparams(**hp)
+    assert field in str(err.value)
+
+
+# ---------------------------------------------------------------- grids
+@pytest.mark.parametrize("name", METHODS)
+def test_every_grid_point_builds_the_hparams_and_the_study_uses_the_grid(name):
+    grid = yaml.safe_load((GRIDS / f"{name}.yaml").read_text())
+    hparams = get_method(name).hparams
+    assert set(grid) <= set(hparams.model_fields)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    assert len({hparams(**p) for p in points}) == len(points)
+    study = yaml.safe_load((ROOT / "config" / "vtab1k.yaml").read_text())
+    assert study["methods"][name] == grid
+    assert name not in yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
