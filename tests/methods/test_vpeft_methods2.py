@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["utuning"]
+METHODS = ["utuning", "snf"]
 MERGEABLE: list[str] = []
 # mean FGVC head on ViT-B/16 (weight + bias; CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196)
 FGVC_MEAN_HEAD = 769 * (200 + 555 + 102 + 120 + 196) / 5
@@ -55,6 +55,10 @@ COUNTS = [
     ("utuning", {}, 175_152),
     ("utuning", {"prefix_length": 10, "bottleneck": 0}, 184_320),
     ("utuning", {"prefix_length": 0, "bottleneck": 8}, 18_444 * 8 + 9_216),
+    # snf: 36,864 + 36,888 L
+    ("snf", {}, 627_072),
+    ("snf", {"flow_length": 0}, 36_864),
+    ("snf", {"flow_length": 6}, 258_192),
 ]
 
 
@@ -63,7 +67,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("utuning", {})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("utuning", {}), ("snf", {"flow_length": 3})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -82,8 +86,16 @@ def test_count_matches_vpeft_bench_params_column(name, hp, table, row, head):
     assert round(ours / 1e6, 2) == pytest.approx(float(published.loc[row, "params_m"]))
 
 
+def test_snf_no_flow_length_meets_the_published_column():
+    # the docstring's claim: 0.25M (VTAB-1k and FGVC alike, so no head) is no single flow length
+    published = pd.read_csv(PUBLISHED / "vpeft_bench_vtab1k.csv").set_index("method")
+    assert float(published.loc["SNF", "params_m"]) == 0.25
+    assert all(round((36_864 + 36_888 * n) / 1e6, 2) != 0.25 for n in range(40))
+
+
 # ---------------------------------------------------------------- gradients
 GRAD_CASES = [(f, "utuning", {"prefix_length": 2, "bottleneck": 8}) for f in FAMILIES]
+GRAD_CASES += [(f, "snf", {"flow_length": 2}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -98,8 +110,20 @@ def test_utuning_trains_only_its_tuners():
     c.check_gradients(model, expected=expected)
 
 
+def test_snf_trains_only_its_flows_and_backbone_keys_are_unchanged():
+    base = c.tiny_model("dinov2_reg")
+    model = c.apply(copy.deepcopy(base), "snf", flow_length=2)
+    expected = {
+        f"blocks.side.{kind}_flows.{i}.{p}" for kind in ("attn", "mlp") for i in range(4) for p in ("mu", "log_sigma", "w", "u", "b")
+    }
+    assert set(model.state_dict()) - set(base.state_dict()) == expected
+    assert set(base.state_dict()) <= set(model.state_dict())
+    c.check_gradients(model, expected=expected)
+
+
 # ---------------------------------------------------------------- identity
 IDENTITY_CASES = [(f, "utuning", {"prefix_length": 0, "bottleneck": 4, "scale": 3.0}) for f in FAMILIES]
+IDENTITY_CASES += [(f, "snf", {"flow_length": 0}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", IDENTITY_CASES, ids=_ids)
@@ -133,6 +157,44 @@ def test_utuning_block_by_hand():
         assert torch.allclose(attn(x), attn.base.proj(torch.cat(out, -1)), atol=1e-5)
 
 
+def test_snf_blocks_by_hand():
+    base = c.tiny_model("dinov2_reg")  # layer-scale blocks: the flow replaces the shortcut, not the branch
+    peft = c.apply(copy.deepcopy(base), "snf", flow_length=3)
+    c.randomize_new_params(peft, base)
+    side = peft.blocks.side
+    x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(0))
+
+    def flow(f, z):
+        z = f.mu + f.log_sigma.exp() * z
+        for j in range(3):
+            z = z + f.u[j] * torch.tanh(z @ f.w[j] + f.b[j])[..., None]
+        return z
+
+    peft.eval()
+    with torch.no_grad():
+        want = x
+        for i, blk in enumerate(peft.blocks):
+            want = flow(side.attn_flows[i], want) + blk.ls1(blk.attn(blk.norm1(want)))
+            want = flow(side.mlp_flows[i], want) + blk.ls2(blk.mlp(blk.norm2(want)))
+        assert torch.allclose(peft.blocks(x), want, atol=1e-5)
+        # with identity flows the blocks are timm's own
+        for f in [*side.attn_flows, *side.mlp_flows]:
+            f.mu.zero_(), f.log_sigma.zero_(), f.u.zero_()
+        z = x
+        for blk in peft.blocks:
+            z = blk(z)
+        assert torch.allclose(peft.blocks(x), z, atol=1e-6)
+
+
+def test_snf_refuses_other_block_types():
+    model = c.tiny_model("vit")
+    model.blocks[2].__class__ = type("OtherBlock", (type(model.blocks[2]),), {})
+    with pytest.raises(TypeError, match="OtherBlock"):
+        c.apply(model, "snf")
+    with pytest.raises(ValueError, match="already wrapped"):
+        c.apply(c.apply(c.tiny_model("vit"), "snf"), "snf")
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -157,6 +219,8 @@ BAD = [
     ("utuning", {"scale": 0}, "scale"),
     ("utuning", {"dropout": 1.0}, "dropout"),
     ("utuning", {"length": 5}, "length"),
+    ("snf", {"flow_length": -1}, "flow_length"),
+    ("snf", {"flow_dim": 768}, "flow_dim"),
 ]
 
 
