@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
 PUBLISHED = ROOT / "config" / "published"
 FAMILIES = list(c.BACKBONES)
-METHODS = ["utuning", "snf"]
+METHODS = ["utuning", "snf", "hst"]
 MERGEABLE: list[str] = []
 # mean FGVC head on ViT-B/16 (weight + bias; CUB 200, NABirds 555, Flowers 102, Dogs 120, Cars 196)
 FGVC_MEAN_HEAD = 769 * (200 + 555 + 102 + 120 + 196) / 5
@@ -59,6 +59,10 @@ COUNTS = [
     ("snf", {}, 627_072),
     ("snf", {"flow_length": 0}, 36_864),
     ("snf", {"flow_length": 6}, 258_192),
+    # hst: the nine terms of its docstring
+    ("hst", {}, 5_120 + 83_496 + 462_312 + 432 + 166_104 + 1_296 + 9_216 + 36_864 + 56_064),
+    ("hst", {"tune_norms": False}, 820_904 - 36_864),
+    ("hst", {"meta_tokens": 2}, 820_904 + 9_216),
 ]
 
 
@@ -67,7 +71,7 @@ def test_vit_b16_trainable_count_excluding_head(name, hp, expected):
     assert c.trainable_count(c.apply(vit_b16_shapes(), name, **hp)) == expected
 
 
-@pytest.mark.parametrize("name, hp", [("utuning", {}), ("snf", {"flow_length": 3})], ids=_ids)
+@pytest.mark.parametrize("name, hp", [("utuning", {}), ("snf", {"flow_length": 3}), ("hst", {})], ids=_ids)
 def test_meta_count_equals_real_vit_b16(name, hp):
     real = c.trainable_count(c.apply(c.vit_b16(), name, **hp))
     assert real == c.trainable_count(c.apply(vit_b16_shapes(), name, **hp))
@@ -96,6 +100,7 @@ def test_snf_no_flow_length_meets_the_published_column():
 # ---------------------------------------------------------------- gradients
 GRAD_CASES = [(f, "utuning", {"prefix_length": 2, "bottleneck": 8}) for f in FAMILIES]
 GRAD_CASES += [(f, "snf", {"flow_length": 2}) for f in FAMILIES]
+GRAD_CASES += [(f, "hst", {"widths": (8, 8, 16, 16), "heads": (1, 2, 2, 4)}) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=_ids)
@@ -119,6 +124,16 @@ def test_snf_trains_only_its_flows_and_backbone_keys_are_unchanged():
     assert set(model.state_dict()) - set(base.state_dict()) == expected
     assert set(base.state_dict()) <= set(model.state_dict())
     c.check_gradients(model, expected=expected)
+
+
+def test_hst_trains_its_side_network_and_the_block_norms_only():
+    base = c.tiny_model("dinov2_reg")
+    model = c.apply(copy.deepcopy(base), "hst", widths=(8, 16), heads=(2, 4))
+    side = {f"blocks.side.{n}" for n, _ in model.blocks.side.named_parameters()}
+    norms = {f"blocks.{i}.{n}.{t}" for i in range(4) for n in ("norm1", "norm2") for t in ("weight", "bias")}
+    c.check_gradients(model, expected=side | norms)
+    assert {k for k in set(model.state_dict()) - set(base.state_dict())} == {f"blocks.side.{k}" for k in model.blocks.side.state_dict()}
+    assert len(model.blocks.side.side_blocks) == 4 and model.blocks.side.per_stage == 2
 
 
 # ---------------------------------------------------------------- identity
@@ -195,6 +210,50 @@ def test_snf_refuses_other_block_types():
         c.apply(c.apply(c.tiny_model("vit"), "snf"), "snf")
 
 
+def test_hst_side_network_by_hand():
+    base = c.tiny_model("vit")
+    peft = c.apply(copy.deepcopy(base), "hst", widths=(8, 16), heads=(2, 4))
+    side = peft.blocks.side
+    c.randomize_new_params(peft, base)
+    peft.eval()
+    img = c.image_batch(peft)
+    with torch.no_grad():
+        x = peft.norm_pre(peft._pos_embed(peft.patch_embed(img)))
+        metas, feats = [], []
+        for i, blk in enumerate(peft.blocks):
+            z = blk(torch.cat([side.meta[i].expand(2, -1, -1), x], 1))
+            metas.append(z[:, :1])
+            feats.append(z[:, 2:].transpose(1, 2).reshape(2, 64, 4, 4))
+            x = z[:, 1:]
+        y = side.stem(img)
+        for s in range(2):
+            y = side.downs[0](y) if s else y
+            h = y.shape[-1]
+            y = side.embed_norms[s](y.flatten(2).transpose(1, 2))
+            for i in (2 * s, 2 * s + 1):
+                vit = side.bridges[s](torch.nn.functional.interpolate(feats[i], size=(h, h), mode="bilinear").flatten(2).transpose(1, 2))
+                kv = torch.cat([side.meta_norms[i](side.bridges[s](metas[i])), vit.mean(1, keepdim=True)], 1)
+                blk = side.side_blocks[i]
+                u = blk.norm1(y)
+                heads = []
+                for hq, hk, hv in zip(blk.q(u).chunk(blk.heads, -1), blk.k(kv).chunk(blk.heads, -1), blk.v(kv).chunk(blk.heads, -1)):
+                    heads.append(torch.softmax(hq @ hk.transpose(1, 2) / hq.shape[-1] ** 0.5, -1) @ hv)
+                y = y + blk.proj(torch.cat(heads, -1)) + vit
+                y = y + blk.fc2(torch.nn.functional.gelu(blk.fc1(blk.norm2(y))))
+            y = side.stage_norms[s](y).transpose(1, 2).reshape(2, -1, h, h)
+        feat = side.up(y.flatten(2).mean(-1))
+        want = peft.head(peft.norm(feat))
+        assert torch.allclose(peft(img), want, atol=1e-5)
+    assert side._image is None  # the image is not kept after the forward
+
+
+def test_hst_refuses_bad_stage_splits():
+    with pytest.raises(ValueError, match="widths"):
+        c.apply(c.tiny_model("vit"), "hst", widths=(8, 8, 8), heads=(1, 1, 1))
+    with pytest.raises(ValueError, match="already wrapped"):
+        c.apply(c.apply(c.tiny_model("vit"), "hst"), "hst")
+
+
 # ---------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", METHODS)
 def test_no_state_leaks_between_models(name):
@@ -221,6 +280,10 @@ BAD = [
     ("utuning", {"length": 5}, "length"),
     ("snf", {"flow_length": -1}, "flow_length"),
     ("snf", {"flow_dim": 768}, "flow_dim"),
+    ("hst", {"widths": (32, 48), "heads": (2,)}, "widths"),
+    ("hst", {"widths": (30,), "heads": (4,)}, "widths"),
+    ("hst", {"meta_tokens": 0}, "meta_tokens"),
+    ("hst", {"widths": ()}, "widths"),
 ]
 
 
