@@ -38,7 +38,7 @@ from torch import nn
 from .errors import InputError
 
 #: methods whose models contain a :func:`_noise_types` module (checked by tests/unit/test_pace.py)
-PACE_METHODS = ("adapter", "adaptformer", "convpass", "houlsby", "hydra", "lora")
+PACE_METHODS = ("adapter", "adaptformer", "convpass", "houlsby", "hydra", "lora", "utuning")
 
 
 def _noise_types() -> dict[type, str]:
@@ -50,7 +50,7 @@ def _noise_types() -> dict[type, str]:
 
     return {
         LoRALinear: "update",  # s * B A dropout(x), before it is added to the frozen linear's output
-        BottleneckAdapter: "",  # adapter, houlsby, adaptformer: scale * up(...)
+        BottleneckAdapter: "",  # adapter, houlsby, adaptformer, utuning (its MLP tuner): scale * up(...)
         ConvBypass: "",  # convpass: the bypass's output
         LowRankBranch: "",  # hydra: each parallel / sequential branch
     }
