@@ -126,10 +126,12 @@ def cmd_train(a) -> int:
     from .fingerprint import cell_inputs
     from .train import Preempted, run_cell
 
-    inputs = cell_inputs(spec.train_split, a.train_data, spec.eval_split, a.eval_data, a.checkpoint)
+    prestep = _prestep_for([spec], a.prestep)
+    inputs = cell_inputs(spec.train_split, a.train_data, spec.eval_split, a.eval_data, a.checkpoint, prestep=prestep)
     try:
         m = run_cell(
-            spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code, inputs=inputs
+            spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code, inputs=inputs,
+            prestep=prestep,
         )
     except Preempted:
         return PREEMPTED_EXIT  # the rerun (Snakemake retry or SLURM requeue) resumes
@@ -163,11 +165,14 @@ def cmd_train_pack(a) -> int:
 
     # sha256 of what every cell reads, memoised beside the cells (by path, size, mtime)
     memo = Path(a.cells_root).parent / "fingerprints"
-    inputs = cell_inputs(specs[0].train_split, a.train_data, specs[0].eval_split, a.eval_data, a.checkpoint, memo)
+    prestep = _prestep_for(specs, a.prestep)
+    s0 = specs[0]
+    inputs = cell_inputs(s0.train_split, a.train_data, s0.eval_split, a.eval_data, a.checkpoint, memo, prestep)
 
     def train_one(spec, out):
         return run_cell(
-            spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code, inputs=inputs
+            spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code, inputs=inputs,
+            prestep=prestep,
         )
 
     def log(msg):
@@ -179,6 +184,41 @@ def cmd_train_pack(a) -> int:
         return PREEMPTED_EXIT
     trained = sum(not r["reused"] for r in rows)
     print(f"{a.manifest}: {len(rows)} cells ({trained} trained, {len(rows) - trained} reused)")
+    return 0
+
+
+def _prestep_for(specs: list, paths: list[str] | None) -> Path | None:
+    """The prestep result the cells' method needs, picked from ``--prestep`` (None if it has none).
+
+    A tuning pack is given its one result; a final run all of its method's, and takes the
+    one made for the chosen configuration.
+    """
+    from .methods import get_method
+    from .prestep import pick_prestep
+
+    if get_method(specs[0].method).prestep is None:
+        if paths:
+            raise InputError(f"--prestep: method {specs[0].method!r} has no prestep")
+        return None
+    if not paths:
+        raise InputError(f"method {specs[0].method!r} chooses from the data first: give its prestep result (--prestep)")
+    picked = {pick_prestep(paths, s) for s in specs}
+    if len(picked) != 1:
+        raise InputError(f"--prestep: the cells of one pack need different prestep results ({sorted(map(str, picked))})")
+    return picked.pop()
+
+
+def cmd_prestep(a) -> int:
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+    from .prestep import PrestepSpec, run_prestep
+
+    try:
+        pspec = PrestepSpec.model_validate_json(a.spec_json)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, "prestep spec")) from None
+    run_prestep(pspec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device)
     return 0
 
 
@@ -340,6 +380,9 @@ def cmd_params(a) -> int:
     unfreeze_head(model)
     counts = {"trainable": count_trainable(model), "head": count_head(model), "backbone": backbone}
     print(json.dumps(counts) if a.json else "  ".join(f"{k}: {v:,}" for k, v in counts.items()))
+    if method.prestep is not None:
+        print(f"{a.method}: chooses from the data first; counted with its data-free placeholder of the same "
+              "shapes (each prestep result's .json gives the chosen configuration's count)", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -350,7 +393,9 @@ def cmd_methods(a) -> int:
     for name in list_methods():
         m = get_method(name)
         fields = ", ".join(f"{k}={v.default!r}" for k, v in m.hparams.model_fields.items()) or "-"
-        print(f"{name:<{width}} {'mergeable' if m.mergeable else 'not mergeable':<14} {fields}")
+        kind = "mergeable" if m.mergeable else "not mergeable"
+        data = f"prestep ({m.prestep.reads})" if m.prestep is not None else "-"
+        print(f"{name:<{width}} {kind:<14} {data:<20} {fields}")
         if a.verbose:
             print(f"{'':<{width}} {m.summary}")
     return 0
@@ -407,6 +452,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-data", required=True)
     s.add_argument("--checkpoint")
     s.add_argument("--out", required=True, help="cell directory")
+    s.add_argument("--prestep", nargs="+", help="the method's prestep result (`peft-core prestep`), for SCT, GPS, NOAH")
     _cell_args(s)
     s.set_defaults(fn=cmd_train)
 
@@ -424,8 +470,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint")
     s.add_argument("--cells-root", required=True, help="cells go to <root>/<dataset>/<method>/<cell id>/")
     s.add_argument("--manifest", required=True, help="JSON written once every cell is done")
+    s.add_argument("--prestep", nargs="+",
+                   help="prestep results of the method (SCT, GPS, NOAH); each cell takes the one made for it")  # fmt: skip
     _cell_args(s)
     s.set_defaults(fn=cmd_train_pack)
+
+    s = sub.add_parser("prestep", help="run a method's data-dependent step (SCT's channels, GPS's selection, NOAH's search)")
+    s.add_argument("--spec-json", required=True, help="the prestep spec (peft_core/prestep.PrestepSpec) as JSON")
+    s.add_argument("--train-data", required=True, help="cache of the split the step reads")
+    s.add_argument("--eval-data", help="validation cache, for steps that select on it (NOAH's search)")
+    s.add_argument("--checkpoint")
+    s.add_argument("--out", required=True, help="result .safetensors (a .json summary is written beside it)")
+    _cell_args(s)
+    s.set_defaults(fn=cmd_prestep)
 
     s = sub.add_parser("select", help="choose a configuration by validation accuracy")
     s.add_argument("--cells", nargs="+", required=True, help="tuning cell directories, in listed order")
@@ -597,7 +654,7 @@ def cmd_serve(a) -> int:
 
 
 # Commands worth sending to a running fork server (they import torch + timm).
-FORWARDED = {"train", "train-pack", "robustness"}
+FORWARDED = {"train", "train-pack", "prestep", "robustness"}
 
 
 def main(argv: list[str] | None = None) -> int:

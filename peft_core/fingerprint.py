@@ -72,12 +72,14 @@ def cell_inputs(
     eval_data: str | Path,
     checkpoint: str | Path | None,
     memo_dir: str | Path | None = None,
+    prestep: str | Path | None = None,
 ) -> dict[str, dict[str, str | None]]:
     """The ``inputs`` record of a cell: the content fingerprint of each data cache it
-    reads and the sha256 of its checkpoint (``memo_dir``: where checkpoint digests are memoised)."""
+    reads and the sha256 of its checkpoint (``memo_dir``: where checkpoint digests are memoised),
+    and of its method's prestep result where it has one (peft_core/prestep.py)."""
     from .data import cache_fingerprint  # data imports this module (hygiene's file hashes)
 
-    return {
+    out = {
         "train": {"split": train_split, "sha256": cache_fingerprint(train_data)},
         "eval": {"split": eval_split, "sha256": cache_fingerprint(eval_data)},
         "checkpoint": {
@@ -85,6 +87,9 @@ def cell_inputs(
             "sha256": fingerprint(checkpoint, memo_dir) if checkpoint is not None else None,
         },
     }
+    if prestep is not None:
+        out["prestep"] = {"path": os.fspath(prestep), "sha256": sha256_file(prestep)}
+    return out
 
 
 def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
@@ -97,4 +102,6 @@ def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
             why.append(f"{current[role]['split']} changed")
     if (recorded.get("checkpoint") or {}).get("sha256") != current["checkpoint"]["sha256"]:
         why.append("checkpoint changed")
+    if "prestep" in current and (recorded.get("prestep") or {}).get("sha256") != current["prestep"]["sha256"]:
+        why.append("prestep result changed")
     return why

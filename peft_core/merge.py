@@ -21,6 +21,7 @@ from .config import CellSpec
 from .errors import InputError
 from .methods import get_method
 from .results import SPEC, WEIGHTS, read_json, write_safetensors
+from .prestep import PRESTEP, state_for_cell
 from .train import build_model
 
 # Merged and unmerged fp32 logits may differ by rounding only: folding a delta
@@ -36,7 +37,9 @@ def load_cell_model(cell_dir: Path, checkpoint: str | Path | None) -> tuple[Cell
         if not (cell_dir / name).is_file():
             raise InputError(f"{cell_dir / name}: not found (is this a finished cell directory?)")
     spec = CellSpec.model_validate(read_json(cell_dir / SPEC))
-    model = build_model(spec, checkpoint or spec.backbone.checkpoint, torch.device("cpu"))
+    kept = cell_dir / PRESTEP  # the data-dependent choice the cell trained with (SCT, GPS, NOAH)
+    state = state_for_cell(spec, kept if get_method(spec.method).prestep is not None else None)
+    model = build_model(spec, checkpoint or spec.backbone.checkpoint, torch.device("cpu"), state)
     from safetensors.torch import load_file
 
     trained = load_file(str(cell_dir / WEIGHTS))

@@ -61,7 +61,9 @@ PUBLISHED_AS: dict[str, PublishedAs] = {
 #   (FGVC, head counted). Not mapped: LoRA (its row adapts q and v with separate A and B; ours
 #   shares one A over q, k, v: the same 294,912 parameters at rank 8, a different function),
 #   FacT (its 0.07M is not our fact_tk at any grid rank: 0.03/0.09/0.37M), RepAdapter (0.22M vs
-#   our 0.24M at bottleneck 8), NOAH, SCT, GPS (not implemented).
+#   our 0.24M at bottleneck 8), GPS (its 0.22M is not our 83,712 (k + 1) at k = 1: 0.17M, 0.21M
+#   with the mean head; k = 2 is 0.25M), NOAH (its searched subnets, not implemented). SCT: K = 96
+#   is 111,744 = 0.11M, its row.
 VPEFT_AS: dict[str, PublishedAs] = {
     "linear": PublishedAs("Linear probing"),
     "full": PublishedAs("Full fine-tuning"),  # VPT's full fine-tuning, tuned over lr like ours
@@ -77,6 +79,7 @@ VPEFT_AS: dict[str, PublishedAs] = {
     "last": PublishedAs("LAST", {"rank": (18,)}),  # our reading of the paper: no code to compare with
     "lst": PublishedAs("LST", {"reduction": (8,)}),
     "prefix": PublishedAs("Prefix Tuning", {"length": (10,)}),
+    "sct": PublishedAs("SCT", {"channels": (96,), "init": ("trunc_normal",)}),
 }
 
 #: published table -> its mapping; :func:`mapping_for` chooses by the rows a table has

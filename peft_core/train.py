@@ -31,6 +31,7 @@ from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
 from .pace import Pace, check_method
+from .prestep import keep_in_cell, state_for_cell
 from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
 
@@ -69,20 +70,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def apply_method(method, model: torch.nn.Module, hp) -> torch.nn.Module:
-    """``method.apply``, with "does not fit this backbone" errors as one-line input errors."""
+def apply_method(method, model: torch.nn.Module, hp, state: dict | None = None) -> torch.nn.Module:
+    """``method.build``, with "does not fit this backbone" errors as one-line input errors.
+
+    ``state``: the method's prestep result (peft_core/prestep.py), for methods that have one.
+    """
     try:
-        return method.apply(model, hp)
+        return method.build(model, hp, state)
     except (ValueError, TypeError, IndexError) as err:
         raise InputError(f"methods.{method.name}: {err}") from None
 
 
-def build_model(spec: CellSpec, checkpoint: str | Path | None, device: torch.device) -> torch.nn.Module:
-    """Backbone from the checkpoint, new head, then the method applied."""
+def build_model(
+    spec: CellSpec, checkpoint: str | Path | None, device: torch.device, state: dict | None = None
+) -> torch.nn.Module:
+    """Backbone from the checkpoint, new head, then the method applied (with its prestep result, if any)."""
     method = get_method(spec.method)
     hp = method.hparams(**spec.hparams)
     model = backbones.build(spec.backbone.model, checkpoint, spec.num_classes, spec.drop_path, spec.backbone.kwargs)
-    apply_method(method, model, hp)
+    apply_method(method, model, hp, state)
     if spec.init == "reference":
         from .init import reference_init
 
@@ -313,22 +319,28 @@ def run_cell(
     log=None,
     code: str | None = None,
     inputs: dict | None = None,
+    prestep: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json.
 
     ``inputs`` (peft_core/fingerprint.cell_inputs) is recorded in metrics.json: the
     content fingerprints a later run compares before reusing this cell.
+    ``prestep``: the method's data-dependent result (peft_core/prestep.py), for the
+    methods that have one; it is copied into the cell directory.
     """
     import pandas as pd
 
     if log is None and sys.stderr.isatty():
         with rich_epoch_log(spec) as live:
-            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs)
+            return run_cell(
+                spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs, prestep
+            )
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     if spec.pace is not None:
         check_method(spec.method)  # before any data is read
+    state = state_for_cell(spec, prestep)
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     dev = pick_device(device)
@@ -337,7 +349,9 @@ def run_cell(
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(spec.seed)
     train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
-    model = build_model(spec, checkpoint, dev)
+    model = build_model(spec, checkpoint, dev, state)
+    if prestep is not None:
+        keep_in_cell(prestep, out_dir)
     t_loaded = time.perf_counter()
 
     resume = out_dir / RESUME

@@ -7,10 +7,10 @@ adding one file; nothing else needs editing.
 import importlib
 import pkgutil
 
-from ._registry import HParams, Method, StepHook, get_method, list_methods, register_method
+from ._registry import HParams, Method, Prestep, StepHook, get_method, list_methods, register_method
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["HParams", "Method", "StepHook", "get_method", "list_methods", "register_method"]
+__all__ = ["HParams", "Method", "Prestep", "StepHook", "get_method", "list_methods", "register_method"]

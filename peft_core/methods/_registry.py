@@ -42,6 +42,33 @@ class StepHook:
 
 
 @dataclass(frozen=True)
+class Prestep:
+    """A data-dependent step a method runs on the task's data before training (SCT, GPS, NOAH).
+
+    ``compute(model, hp, data)`` gets the frozen pre-trained backbone with a new
+    head (``drop_path`` 0, eval mode) and a :class:`peft_core.prestep.PrestepData`
+    and returns named tensors (channel indices, masks, a searched subnet), which
+    ``apply(model, hp, state)`` then reads. ``key(hp)`` names the hyper-parameters
+    the step depends on: ``compute`` receives an ``HParams`` built from those
+    fields alone, so a grid over the others (a learning rate, a scale) shares
+    one cached result. ``placeholder(model, hp)`` is a data-free stand-in of the
+    same shapes (the first channels, ...), for parameter counts and the contract
+    tests; a trained cell never uses it. ``reads``: ``"train"`` (the cell's own
+    training split) or ``"train+val"`` (the tuning splits: a search selected on
+    validation, reused unchanged by the final runs).
+    """
+
+    compute: Callable[["nn.Module", HParams, object], dict]
+    key: Callable[[HParams], dict]
+    placeholder: Callable[["nn.Module", HParams], dict]
+    reads: str = "train"
+
+    def __post_init__(self):
+        if self.reads not in ("train", "train+val"):
+            raise ValueError(f"Prestep.reads must be 'train' or 'train+val', not {self.reads!r}")
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     hparams: type[HParams]
@@ -53,6 +80,8 @@ class Method:
     deviations: tuple[str, ...] = ()
     #: for the few methods that change themselves while training (AdaLoRA's rank budget)
     step_hook: StepHook | None = None
+    #: for methods that choose something from the task's data before training
+    prestep: Prestep | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -66,6 +95,14 @@ class Method:
         ``_adapter.py`` reruns the adapter methods' cells and nothing else.
         """
         return _local_imports(self.source)
+
+    def build(self, model: "nn.Module", hp: HParams, state: dict | None = None) -> "nn.Module":
+        """``apply``; a method with a prestep gets its result (None: its data-free placeholder)."""
+        if self.prestep is None:
+            if state is not None:
+                raise ValueError(f"method {self.name!r} has no prestep, but a prestep result was given")
+            return self.apply(model, hp)
+        return self.apply(model, hp, state)
 
 
 def _local_imports(path: Path) -> list[Path]:
@@ -98,6 +135,7 @@ def register_method(
     merge: Callable | None = None,
     deviations: tuple[str, ...] = (),
     step_hook: StepHook | None = None,
+    prestep: Prestep | None = None,
 ) -> Method:
     """Register a method; called once at the bottom of each method module.
 
@@ -105,6 +143,8 @@ def register_method(
     the reference codebase (also in the module docstring and docs/deviations.md).
     ``step_hook``: for methods that change themselves during training
     (:class:`StepHook`); most methods have none.
+    ``prestep``: for methods that choose something from the task's training data
+    first (:class:`Prestep`); their ``apply`` takes ``(model, hp, state=None)``.
     """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
@@ -123,6 +163,7 @@ def register_method(
         summary=doc[0] if doc else "",
         deviations=deviations,
         step_hook=step_hook,
+        prestep=prestep,
     )
     _METHODS[name] = method
     return method

@@ -27,6 +27,9 @@ BACKBONES = {
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(TINY, img_size=28, patch_size=7)),
 }
 NUM_CLASSES = 5
+# Methods whose defaults do not fit the width-64 tiny models: SCT tunes 96 channels
+# (V-PEFT Bench's setting for ViT-B's 768), more than a tiny model has.
+TINY_DEFAULTS: dict[str, dict] = {"sct": {"channels": 8}}
 
 
 def tiny_model(family: str = "vit", seed: int = 0, num_classes: int = NUM_CLASSES) -> nn.Module:

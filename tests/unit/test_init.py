@@ -35,7 +35,7 @@ def _features(model, x):
 
 def _build(name, hp):
     base = c.tiny_model("vit")
-    peft = c.apply(copy.deepcopy(base), name, **hp)
+    peft = c.apply(copy.deepcopy(base), name, **{**c.TINY_DEFAULTS.get(name, {}), **hp})
     return base, peft
 
 

@@ -9,8 +9,10 @@ from snakemake.exceptions import WorkflowError
 from peft_core.config import load_study
 from peft_core.errors import InputError
 from peft_core.methods import get_method
+from peft_core.config import final_cells
 from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
+from peft_core.prestep import prestep_spec
 from peft_core.server import Background
 
 if not config:
@@ -66,6 +68,7 @@ wildcard_constraints:
     cell=r"[0-9a-f]{10}",
     pack=r"[0-9a-f]{10}",
     split=r"[A-Za-z0-9_]+",
+    key=r"[0-9a-f]{10}",
 
 
 def cell_dir(spec):
@@ -106,6 +109,81 @@ def cache_mem_mb(listing, layout):
     return 1000 + (n * 3 * CFG.data.image_size**2) // 2**20
 
 
+# Data-dependent steps (SCT's channels, GPS's selection, NOAH's search; peft_core/prestep.py):
+# one result per (data set, split, backbone, the hyper-parameters the step depends on).
+PRESTEP_METHODS = [m for m in METHODS if get_method(m).prestep is not None]
+
+
+def cell_prestep(spec):
+    return prestep_spec(
+        spec, CFG.data.tune_train, CFG.data.tune_eval, CFG.train.tune_seed
+    )
+
+
+def prestep_path(pspec):
+    return f"{RES}/prestep/{pspec.dataset}/{pspec.method}/{pspec.key}.safetensors"
+
+
+def _presteps(specs):
+    """{result path: PrestepSpec} of cells, in order."""
+    return {prestep_path(p): p for p in map(cell_prestep, specs)}
+
+
+def _final_presteps(specs):
+    """A final run takes its prestep for the configuration selection chose: it gets them all."""
+    d = CFG.data
+    return _presteps(
+        final_cells(s, CFG.train.final_seeds[:1], d.final_train, d.final_eval)[0]
+        for s in specs
+    )
+
+
+PRESTEPS = {}  # result path -> PrestepSpec
+FINAL_PRESTEPS = {}  # (dataset, method) -> result paths of every tuning configuration
+for (_d, _m), _specs in TUNE.items():
+    if _m in PRESTEP_METHODS:
+        _finals = _final_presteps(_specs)
+        PRESTEPS.update(_presteps(_specs))
+        PRESTEPS.update(_finals)
+        FINAL_PRESTEPS[(_d, _m)] = list(_finals)
+
+
+def prestep_of(wildcards):
+    path = prestep_path_of(wildcards)
+    if path not in PRESTEPS:
+        raise WorkflowError(f"prestep {path:q} is not in the config")
+    return PRESTEPS[path]
+
+
+def prestep_path_of(wildcards):
+    return f"{RES}/prestep/{wildcards.dataset}/{wildcards.method}/{wildcards.key}.safetensors"
+
+
+def prestep_inputs(wildcards):
+    """What a prestep reads: its training split (and the validation split, for a search)."""
+    pspec = prestep_of(wildcards)
+    out = {
+        "train": cache_path(pspec.dataset, pspec.train_split),
+        "checkpoint": CFG.backbone.checkpoint,
+        "code": code_stamp(pspec.method),
+    }
+    if pspec.eval_split is not None:
+        out["eval"] = cache_path(pspec.dataset, pspec.eval_split)
+    return out
+
+
+def optional_args(flag, key):
+    """``[flag, *paths]`` for an optional input (``params`` of a shell rule), else []."""
+
+    def args(wildcards, input):
+        if key not in input.keys():
+            return []
+        paths = input[key]
+        return [flag, *([paths] if isinstance(paths, str) else paths)]
+
+    return args
+
+
 def pack_specs(wildcards):
     if wildcards.pack not in PACK_SPECS:
         raise WorkflowError(
@@ -117,12 +195,15 @@ def pack_specs(wildcards):
 def train_inputs(wildcards):
     """Inputs of a tuning pack (all its cells share them)."""
     spec = pack_specs(wildcards)[0]
-    return {
+    out = {
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
         "checkpoint": CFG.backbone.checkpoint,
         "code": code_stamp(spec.method),
     }
+    if spec.method in PRESTEP_METHODS:
+        out["prestep"] = prestep_path(cell_prestep(spec))
+    return out
 
 
 def final_inputs(wildcards):
@@ -131,13 +212,16 @@ def final_inputs(wildcards):
     The chosen configuration is read from the selection by the job itself, so the
     DAG is complete before anything runs (no checkpoint, no re-planning mid-run).
     """
-    return {
+    out = {
         "selection": selection_path(wildcards.dataset, wildcards.method),
         "train": cache_path(wildcards.dataset, CFG.data.final_train),
         "eval": cache_path(wildcards.dataset, CFG.data.final_eval),
         "checkpoint": CFG.backbone.checkpoint,
         "code": code_stamp(wildcards.method),
     }
+    if wildcards.method in PRESTEP_METHODS:
+        out["prestep"] = FINAL_PRESTEPS[(wildcards.dataset, wildcards.method)]
+    return out
 
 
 def selection_path(dataset, method):

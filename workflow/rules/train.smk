@@ -16,6 +16,35 @@ rule stamp_code:
         "python -m peft_core.cli code-stamp --files {input:q} --out {output:q} > {log:q} 2>&1"
 
 
+# Data-dependent steps before training (SCT, GPS, NOAH; peft_core/prestep.py): one
+# result per (data set, split, backbone, the settings it depends on), read from the
+# training split only (a search also from the validation split, never from test).
+# The cells that use one record its sha256, so a changed result retrains them.
+rule run_prestep:
+    input:
+        unpack(prestep_inputs),
+    output:
+        result=f"{RES}/prestep/{{dataset}}/{{method}}/{{key}}.safetensors",
+        summary=f"{RES}/prestep/{{dataset}}/{{method}}/{{key}}.json",
+    log:
+        f"{LOGS}/prestep/{{dataset}}/{{method}}/{{key}}.log",
+    conda:
+        ENV
+    threads: CFG.compute.train.threads
+    resources:
+        gpu=CFG.compute.train.gpu,
+        mem_mb=CFG.compute.train.mem_mb,
+        runtime=CFG.compute.train.runtime,
+    params:
+        spec=lambda wc: prestep_of(wc).canonical_json(),
+        eval=optional_args("--eval-data", "eval"),
+        device=CFG.compute.train.device,
+    shell:
+        "python -m peft_core.cli prestep --spec-json {params.spec:q} --train-data {input.train:q} {params.eval:q} "
+        "--checkpoint {input.checkpoint:q} --out {output.result:q} --threads {threads} --device {params.device:q} "
+        "> {log:q} 2>&1"
+
+
 # Tuning: one job per method configuration trains its lr x weight-decay cells
 # one after another, reusing any cell already done with the same spec and code
 # (peft_core/packs.py); its manifest, written last, is what selection waits for.
@@ -39,11 +68,12 @@ rule train_pack:
         specs=lambda wc: [spec.canonical_json() for spec in pack_specs(wc)],
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
+        prestep=optional_args("--prestep", "prestep"),
     shell:
         "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "> {log:q} 2>&1"
+        "{params.prestep:q} > {log:q} 2>&1"
 
 
 # Final runs: one job per (dataset, method) trains the chosen configuration
@@ -75,9 +105,10 @@ rule train_final:
         final_eval=CFG.data.final_eval,
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
+        prestep=optional_args("--prestep", "prestep"),
     shell:
         "python -m peft_core.cli train-pack --selection {input.selection:q} --final-seeds {params.seeds:q} "
         "--final-train {params.final_train:q} --final-eval {params.final_eval:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "> {log:q} 2>&1"
+        "{params.prestep:q} > {log:q} 2>&1"
