@@ -62,7 +62,8 @@ PUBLISHED_AS: dict[str, PublishedAs] = {
 #   shares one A over q, k, v: the same 294,912 parameters at rank 8, a different function),
 #   FacT (its 0.07M is not our fact_tk at any grid rank: 0.03/0.09/0.37M), RepAdapter (0.22M vs
 #   our 0.24M at bottleneck 8), GPS (its 0.22M is not our 83,712 (k + 1) at k = 1: 0.17M, 0.21M
-#   with the mean head; k = 2 is 0.25M), NOAH (its searched subnets, not implemented). SCT: K = 96
+#   with the mean head; k = 2 is 0.25M), NOAH (a mean of searched subnets; its released CIFAR-100 subnet is 0.32M, 0.40M with the head,
+#   against 0.43M, tests/methods/test_noah.py). SCT: K = 96
 #   is 111,744 = 0.11M, its row.
 VPEFT_AS: dict[str, PublishedAs] = {
     "linear": PublishedAs("Linear probing"),

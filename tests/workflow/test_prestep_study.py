@@ -49,12 +49,16 @@ def test_plan_one_result_per_split_and_settings_from_training_data_only(tmp_path
     work = _workdir(tmp_path)
     jobs = run_in_subprocess(work, work / "study.yaml", dryrun=True)
     presteps = [j for j in jobs if j["rule"] == "run_prestep"]
-    # sct: 2 channel settings x (train800 for tuning, train800val200 for the final runs); gps: 1 x 2
-    assert len(presteps) == 6
+    # sct: 2 channel settings x (train800 for tuning, train800val200 for the final runs); gps: 1 x 2;
+    # noah: one search on (train800, val200), shared by its tuning cells and its final runs
+    assert len(presteps) == 7
     plan = _snakefile_globals(work)
-    specs = plan["presteps"].values()
+    specs = [s for s in plan["presteps"].values() if s["method"] != "noah"]
     assert {s["train_split"] for s in specs} == {"train800", "train800val200"}
     assert all(s["eval_split"] is None for s in specs)  # SCT and GPS never read validation or test
+    (noah,) = [(p, s) for p, s in plan["presteps"].items() if s["method"] == "noah"]
+    assert (noah[1]["train_split"], noah[1]["eval_split"]) == ("train800", "val200")  # never test
+    assert plan["finals"]["digits/noah"] == [noah[0]]
     assert {json.dumps(s["hparams"], sort_keys=True) for s in specs if s["method"] == "sct"} == {
         '{"channels": 4}', '{"channels": 8}'}  # fmt: skip
     # a final run gets the result of every configuration on its own split, and picks the chosen one
@@ -67,9 +71,9 @@ def test_run_records_results_and_deleting_one_reruns_it_but_reuses_cells(tmp_pat
     work = _workdir(tmp_path)
     config = work / "study.yaml"
     jobs = run_in_subprocess(work, config)
-    assert sum(j["rule"] == "run_prestep" for j in jobs) == 6
+    assert sum(j["rule"] == "run_prestep" for j in jobs) == 7
     cells = sorted((work / "results/tiny_prestep/cells").glob("digits/*/*/metrics.json"))
-    assert len(cells) == 5  # 3 tuning + 2 final
+    assert len(cells) == 7  # 4 tuning + 3 final
     for m in map(lambda p: json.loads(p.read_text()), cells):
         assert m["inputs"]["prestep"]["path"].startswith("results/tiny_prestep/prestep/digits/")
     assert run_in_subprocess(work, config, dryrun=True) == []
