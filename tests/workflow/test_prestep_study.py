@@ -38,7 +38,7 @@ def _snakefile_globals(work):
         " snakefile=__import__('pathlib').Path('workflow/Snakefile'));"
         "g = wf._workflow.globals;"
         "print(json.dumps({'presteps': {p: s.model_dump(mode='json') for p, s in g['PRESTEPS'].items()},"
-        " 'finals': {'/'.join(k): v for k, v in g['FINAL_PRESTEPS'].items()}}))"
+        " 'finals': {'/'.join(k): v for k, v in g['FINAL_PRESTEPS'].items()}, 'code': g['METHOD_CODE']}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -59,6 +59,8 @@ def test_plan_one_result_per_split_and_settings_from_training_data_only(tmp_path
     (noah,) = [(p, s) for p, s in plan["presteps"].items() if s["method"] == "noah"]
     assert (noah[1]["train_split"], noah[1]["eval_split"]) == ("train800", "val200")  # never test
     assert plan["finals"]["digits/noah"] == [noah[0]]
+    # editing the prestep engine reruns the data-dependent methods' cells (and only theirs)
+    assert all("peft_core/prestep.py" in files for files in plan["code"].values())
     assert {json.dumps(s["hparams"], sort_keys=True) for s in specs if s["method"] == "sct"} == {
         '{"channels": 4}', '{"channels": 8}'}  # fmt: skip
     # a final run gets the result of every configuration on its own split, and picks the chosen one

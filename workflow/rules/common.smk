@@ -59,7 +59,12 @@ ENGINE_CODE = [
 ]
 # A method's own file and the private helpers it imports (e.g. _adapter.py):
 # editing them reruns only the cells of the methods that use them.
-METHOD_CODE = {m: [code_path(p) for p in get_method(m).code_files] for m in METHODS}
+# The prestep engine (peft_core/prestep.py) is code of the data-dependent methods only.
+METHOD_CODE = {
+    m: [code_path(p) for p in get_method(m).code_files]
+    + ([code_path(REPO / "peft_core" / "prestep.py")] if get_method(m).prestep else [])
+    for m in METHODS
+}
 
 
 wildcard_constraints:
