@@ -49,7 +49,7 @@ from pydantic import Field, field_validator
 
 from ._common import freeze_all, unfreeze_head
 from ._noah_modules import build, subnet_params
-from ._noah_search import evolve, train_supernet
+from ._noah_search import search, train
 from ._prompts import vit_geometry
 from ._registry import HParams, Prestep, register_method
 
@@ -91,8 +91,8 @@ def compute(model, hp: NOAHHP, data) -> dict[str, torch.Tensor]:
     freeze_all(model)
     build(model, placeholder(model, hp)["subnet"])
     unfreeze_head(model)
-    train_supernet(model, hp, data, gen, depth)
-    best, acc, scored = evolve(model, hp, data, gen, depth, dims)
+    train(model, hp, data, gen, depth)
+    best, acc, scored = search(model, hp, data, gen, depth, dims)
     data.log(f"noah: chose {best.tolist()} ({subnet_params(best, *dims):,} params), val top-1 {acc:.4f}, {scored} scored")
     return {"subnet": best, "val_accuracy": torch.tensor([acc]), "scored": torch.tensor([scored])}
 
