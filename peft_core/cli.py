@@ -87,6 +87,32 @@ def cmd_prepare_vtab(a) -> int:
     return 1 if problems else 0
 
 
+def cmd_prepare_manyshot(a) -> int:
+    from .manyshot import FULL, PRESETS, Source, config_entries, parse_size, prepare
+
+    preset = PRESETS.get(a.preset or a.dataset)
+    if a.sizes:
+        sizes = tuple(parse_size(t) for t in a.sizes.split(","))
+    elif preset:
+        sizes = preset.sizes
+    else:
+        raise InputError(f"--sizes: no preset for {a.dataset!r} ({', '.join(PRESETS)}): give --sizes, e.g. 1k,5k,full")
+    if a.val_fraction is not None:
+        if not 0 < a.val_fraction < 1:
+            raise InputError(f"--val-fraction: {a.val_fraction} is not between 0 and 1")
+        fractions, origin = {s: a.val_fraction for s in sizes}, "command line"
+    elif preset and set(sizes) <= set(preset.val_fraction):
+        fractions, origin = preset.val_fraction, preset.source
+    else:
+        raise InputError("--val-fraction: sizes outside the preset need a validation fraction (e.g. 0.1)")
+    src = Source(Path(a.source), a.dataset, a.layout, a.num_classes, a.train_split, a.test_split)
+    folders = prepare(src, Path(a.out), sizes, fractions, seed=a.seed, name=a.name, preset_source=origin)
+    largest = folders[sizes.index(FULL)].name if FULL in sizes else None
+    print(f"wrote {len(folders)} subsets of {a.dataset} under {a.out} (sizes from {origin}); study config entries:")
+    print(config_entries(folders, a.num_classes, a.group, test_cache_from=largest))
+    return 0
+
+
 def _spec(raw: str):
     from pydantic import ValidationError
 
@@ -443,6 +469,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--datasets", nargs="+", help="default: all 19")
     s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
     s.set_defaults(fn=cmd_prepare_vtab)
+
+    s = sub.add_parser("prepare-manyshot", help="many-shot subsets by training-set size (stratified, nested, seeded)")
+    s.add_argument("--source", required=True, help="folder holding <dataset>/ with the full train and test splits")
+    s.add_argument("--dataset", required=True, help="the data set folder under --source (cifar100, resisc45, ...)")
+    s.add_argument("--num-classes", type=int, required=True)
+    s.add_argument("--layout", default="csv", choices=["vtab", "imagefolder", "csv"], help="layout of the source")
+    s.add_argument("--train-split", default="train")
+    s.add_argument("--test-split", default="test")
+    s.add_argument("--out", required=True, help="writes <out>/<name>_<size>/{train,val,trainval,test}.csv")
+    s.add_argument("--sizes", help="comma-separated, e.g. 500,1k,full (default: the preset's)")
+    s.add_argument("--val-fraction", type=float, help="validation share of each size (default: the preset's)")
+    s.add_argument("--preset", help="preset name when --dataset is named otherwise (cifar100, resisc45, clevr_count)")
+    s.add_argument("--name", help="prefix of the output folders (default: --dataset)")
+    s.add_argument("--group", default="natural", choices=["natural", "specialized", "structured"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_prepare_manyshot)
 
     s = sub.add_parser("train", help="train and evaluate one cell")
     g = s.add_mutually_exclusive_group(required=True)

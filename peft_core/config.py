@@ -104,6 +104,11 @@ class DatasetSpec(Strict):
     ood: dict[Annotated[str, Field(pattern=NAME)], OodSpec] | None = Field(
         None, description="shifted test sets: name -> where they are (WiSE-FT robustness analysis)"
     )
+    test_cache_from: Annotated[str, Field(pattern=NAME)] | None = Field(
+        None,
+        description="another data set of this study with the same test listing (byte for byte): its decoded "
+        "test cache serves this one too (the sizes of a many-shot data set share one test set)",
+    )
 
 
 def _default_alphas() -> list[float]:
@@ -554,6 +559,31 @@ def check_ood(study: Study) -> None:
                 raise InputError(f"{field}.class_map: {len(cmap)} entries, but num_classes is {ood.num_classes}")
 
 
+def check_shared_tests(study: Study) -> None:
+    """``test_cache_from`` names another data set, one step away, with the same classes and test listing."""
+    final = study.cfg.data.final_eval
+    for dataset, spec in study.cfg.datasets.items():
+        other = spec.test_cache_from
+        if other is None:
+            continue
+        field = f"datasets.{dataset}.test_cache_from"
+        if other == dataset or other not in study.cfg.datasets:
+            raise InputError(f"{field}: {other!r} is not another data set of this study")
+        if study.cfg.datasets[other].test_cache_from is not None:
+            raise InputError(f"{field}: {other!r} itself reads {study.cfg.datasets[other].test_cache_from!r}'s cache")
+        if study.cfg.datasets[other].num_classes != spec.num_classes:
+            raise InputError(f"{field}: {other!r} has {study.cfg.datasets[other].num_classes} classes, not {spec.num_classes}")
+        mine, theirs = (_test_listing(study, d, final) for d in (dataset, other))
+        if mine.is_file() and theirs.is_file() and mine.read_bytes() != theirs.read_bytes():
+            raise InputError(f"{field}: {mine} and {theirs} differ; only an identical test listing can share a cache")
+
+
+def _test_listing(study: Study, dataset: str, split: str) -> Path:
+    root, layout = study.data_location(dataset)
+    suffix = {"vtab": ".txt", "csv": ".csv"}.get(layout, "")
+    return Path(root) / dataset / f"{split}{suffix}"
+
+
 def load_study(raw: dict[str, Any] | str | Path) -> Study:
     """Validate a study config (a dict or a YAML path); one-line InputError on failure."""
     if not isinstance(raw, dict):
@@ -567,6 +597,7 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
     except ValidationError as err:
         raise InputError(format_validation_error(err)) from None
     check_ood(study)
+    check_shared_tests(study)
     if study.cfg.train.pace is not None:
         from .pace import check_method
 
