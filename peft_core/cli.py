@@ -113,6 +113,15 @@ def cmd_prepare_manyshot(a) -> int:
     return 0
 
 
+def cmd_prepare_fgvc(a) -> int:
+    from .fgvc import prepare_fgvc
+
+    folder = prepare_fgvc(Path(a.source), a.dataset, Path(a.out))
+    counts = json.loads((folder / "manifest.json").read_text())["images"]
+    print(f"wrote {folder}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    return 0
+
+
 def _spec(raw: str):
     from pydantic import ValidationError
 
@@ -485,6 +494,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--group", default="natural", choices=["natural", "specialized", "structured"])
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_prepare_manyshot)
+
+    s = sub.add_parser("prepare-fgvc", help="an FGVC data set from its official archive + VPT's train/val/test JSON files")
+    s.add_argument("--source", required=True, help="the extracted data set folder, holding train.json, val.json, test.json")
+    s.add_argument("--dataset", required=True, choices=["cub200", "nabirds", "flowers", "stanford_dogs", "stanford_cars"])
+    s.add_argument("--out", required=True, help="writes <out>/<dataset>/{train,val,trainval,test}.csv + manifest.json")
+    s.set_defaults(fn=cmd_prepare_fgvc)
 
     s = sub.add_parser("train", help="train and evaluate one cell")
     g = s.add_mutually_exclusive_group(required=True)

@@ -122,7 +122,7 @@ def subset_splits(order: list[int], size: int | str, fraction: float) -> tuple[l
     return prefix[n_val:], prefix[:n_val]
 
 
-def _csv_text(rows: list[tuple[str, int]]) -> str:
+def csv_text(rows: list[tuple[str, int]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label"])
@@ -134,7 +134,7 @@ def _sha(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -198,10 +198,10 @@ def prepare(
             return [(os.path.relpath(os.path.abspath(p), os.path.abspath(folder)), y) for p, y in chosen]
 
         texts = {
-            "train": _csv_text(rows(tr)),
-            "val": _csv_text(rows(va)),
-            "trainval": _csv_text(rows(va + tr)),  # the prefix, in order
-            "test": _csv_text(rows(None, entries=test)),
+            "train": csv_text(rows(tr)),
+            "val": csv_text(rows(va)),
+            "trainval": csv_text(rows(va + tr)),  # the prefix, in order
+            "test": csv_text(rows(None, entries=test)),
         }
         n = len(tr) + len(va)
         manifest = {
@@ -223,8 +223,8 @@ def prepare(
             "files": {f"{s}.csv": _sha(t) for s, t in texts.items()},
         }
         for split, text in texts.items():
-            _write_atomic(folder / f"{split}.csv", text)
-        _write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            write_atomic(folder / f"{split}.csv", text)
+        write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         written.append(folder)
     return written
 
