@@ -20,8 +20,8 @@ drops them.
 ViT-B/16 (d = 768, MLP 3072): qkv 3*768 + 2304 + 2304, proj 3*768, fc1 768 +
 2*3072, fc2 3072 + 2*768, both block norms 4*768 = 23,808 per block; 12 blocks
 plus the patch and final scale-shifts (2*1536) = 288,768 parameters without the
-head. RLRR's paper (Table 1, VTAB-1k) reports 0.33M, the head of each task
-counted: 288,768 + 769*940/19 (the mean VTAB-1k head) = 326,814 = 0.33M.
+head. RLRR's paper (Table 2, VTAB-1k, "Params.(M)") reports 0.33M, the head of
+each task counted: 288,768 + 769*940/19 (the mean VTAB-1k head) = 326,814 = 0.33M.
 
 Initialisation, as the reference code: ``s_col`` and ``s_row`` Kaiming-uniform
 (``nn.init.kaiming_uniform_`` on the (1, in) and (out, 1) shapes: bounds

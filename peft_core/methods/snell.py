@@ -12,6 +12,9 @@ the ``r`` columns are split into ``H = 2`` groups of ``r/2`` and
 
     ΔW[o, i] = c Σ_h (-1)^h ||A_h[i] - B_h[o]||_p      (c = 0.1, p = 2),
 
+the paper's "piecewise linear kernel" (Appendix B, Table A6, P = 2). The paper
+calls its weights alpha_p learnable; the code fixes them at +-c
+(``shared_coeff_fc``, ``requires_grad=False``), and so do we.
 ``kernel='mixk'`` adds ``α softmax(ΔW / γ) + β`` (three learnable scalars per
 weight; the ``MixK`` kernel of SNELLA). Competition-based sparsification then
 keeps the entries of ``ΔW`` whose magnitude exceeds its ``sparsity`` quantile
@@ -26,6 +29,8 @@ q/k/v, fc1 and fc2 updates but not of proj, as the reference.
 Trainable: ``r (in + out)`` per adapted weight, plus the class token (the
 reference's ``ft_cls_token``). ViT-B/16: 12 x (4 x 1536 + 2 x 3840) r + 768
 = 165,888 r + 768: r = 8 is 1,327,872; r = 16 2,654,976; r = 32 5,309,184.
+The paper reports no count (Appendix E.1 argues for omitting it); its Table 1
+is SNELL-8/16/32 on ViT-B/16, the sparsity ratio tuned per task.
 
 ``A`` and ``B`` are Kaiming-uniform (a = sqrt(5)) as the reference: ``ΔW`` is
 not zero at init, so the model is *not* the backbone at init. Mergeable:
