@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,9 @@ import yaml
 
 from peft_core.methods import get_method
 
+from .. import toycell
 from . import checks as c
+from .test_merge_cli import PLAIN_TIMM
 
 ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "config" / "method_grids"
@@ -80,10 +85,6 @@ GRAD_CASES += [
 @pytest.mark.parametrize("family, name, hp", GRAD_CASES, ids=c.param_id)
 def test_every_trainable_tensor_learns(family, name, hp):
     c.check_gradients(c.apply(c.tiny_model(family), name, **hp))
-
-
-def _tensors(prefix: str, shapes: dict[str, tuple]) -> set[str]:
-    return {f"{prefix}.{n}" for n in shapes}
 
 
 def test_only_the_method_tensors_train():
@@ -308,3 +309,27 @@ def test_every_grid_point_builds_and_the_studies_use_the_grid(name):
     assert name not in yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
     demo = yaml.safe_load((ROOT / "config" / "demo_methods.yaml").read_text())["methods"]
     hparams(**demo[name])
+
+
+# ---------------------------------------------------------------- the engine
+@pytest.mark.parametrize("name", METHODS)
+def test_a_toy_cell_trains_and_arc_merges_into_plain_timm(tmp_path, monkeypatch, name):
+    import pandas as pd
+
+    from peft_core.merge import merge_cell
+    from peft_core.train import run_cell
+
+    monkeypatch.chdir(tmp_path)
+    toycell.write_inputs(tmp_path)
+    cell = toycell.spec(name, TINY_HP[name], epochs=1)
+    run_cell(cell, "train.pt", "eval.pt", "backbone.safetensors", "cell", threads=1, device="cpu", log=lambda m: None)
+    preds = pd.read_parquet(tmp_path / "cell" / "predictions.parquet")["pred"].tolist()
+    assert len(preds) == 32
+    if name not in MERGEABLE:
+        return
+    assert merge_cell("cell", tmp_path / "merged.safetensors")["max_abs_diff"] <= 1e-5
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, "merged.safetensors", json.dumps(cell.backbone.kwargs), "eval.pt"],
+        capture_output=True, text=True, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout) == preds
