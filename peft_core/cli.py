@@ -72,9 +72,13 @@ def cmd_pretrain_demo(a) -> int:
 
 def cmd_cache(a) -> int:
     from .data import build_cache
+    from .provenance import source_path, source_record, write_source
 
+    source_path(a.out).unlink(missing_ok=True)  # never a stale record beside a new cache
     info = build_cache(a.root, a.dataset, a.split, a.size, a.num_classes, a.out, layout=a.layout,
                        interpolation=a.interpolation, disjoint_from=a.disjoint_from)  # fmt: skip
+    suffix = {"vtab": ".txt", "csv": ".csv"}.get(a.layout, "")
+    write_source(a.out, source_record(Path(a.root) / a.dataset / f"{a.split}{suffix}", a.layout, a.size, a.interpolation))
     print(f"{a.out}: {info.count} images, content sha256 {info.sha256} (also in {a.out}.sha256)")
     return 0
 

@@ -218,6 +218,10 @@ def write_vtab_folder(name: str, root: str | Path) -> Path:
     }
     for split, rows in splits.items():
         _write_split(out, split, rows)
+    # the preparation record the caches' data-source records point at (peft_core/provenance.py)
+    manifest = {"format": "peft-core demo generator v1", "dataset": name, "image_size": SIZE,
+                "images": {split: len(rows) for split, rows in splits.items()}}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out
 
 

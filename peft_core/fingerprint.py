@@ -79,9 +79,11 @@ def cell_inputs(
     and of its method's prestep result where it has one (peft_core/prestep.py)."""
     from .data import cache_fingerprint  # data imports this module (hygiene's file hashes)
 
+    from .provenance import read_source
+
     out = {
-        "train": {"split": train_split, "sha256": cache_fingerprint(train_data)},
-        "eval": {"split": eval_split, "sha256": cache_fingerprint(eval_data)},
+        "train": {"split": train_split, "sha256": cache_fingerprint(train_data), "source": read_source(train_data)},
+        "eval": {"split": eval_split, "sha256": cache_fingerprint(eval_data), "source": read_source(eval_data)},
         "checkpoint": {
             "path": os.fspath(checkpoint) if checkpoint is not None else None,
             "sha256": fingerprint(checkpoint, memo_dir) if checkpoint is not None else None,

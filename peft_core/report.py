@@ -30,6 +30,7 @@ from .findings import (
 )
 from .pages import figure, render, render_table, table_model
 from .paper import MAIN_FIGURES, Outputs, write_outputs
+from .provenance import provenance_summary, provenance_text, row_columns
 from .published import PUBLISHED_AS, published_frame, tuned_values  # noqa: F401 (re-exported)
 from .results import METRICS, SPEC, read_json, write_parquet, write_text
 from .summary import (  # noqa: F401 (rank_frame, summary_frame: re-exported)
@@ -89,11 +90,15 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
         "schedule": s.get("schedule"),
         "init": s.get("init"),
         "interpolation": s.get("interpolation"),
+        "normalize": s.get("normalize"),
+        "image_size": s.get("image_size"),
     }
     # data provenance: the content fingerprints of what the cell read (peft_core/fingerprint.py)
+    # and the record of where each cache came from (peft_core/provenance.py)
     inputs = m.get("inputs") or {}
     for role in ("train", "eval", "checkpoint"):
         row[f"{role}_sha256"] = (inputs.get(role) or {}).get("sha256")
+    row.update(row_columns(inputs))
     row.update({f"hp_{k}": _scalar(v) for k, v in s["hparams"].items()})
     return row
 
@@ -169,6 +174,10 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
         f"Split: `{info['split']}` (after training on `{cfg.data.final_train}`). Final seeds: {info['seeds']}. "
         f"Precision: {info['precision']}.",
         "",
+        provenance_text(prov := provenance_summary(results)),
+        "",
+        *[f"**Warning:** {w}." for w in prov["warnings"]],
+        *([""] if prov["warnings"] else []),
         f"Top-1 accuracy (%), mean ± std over the finished seeds; {HOLES_NOTE} Configurations were selected per "
         f"data set and method by accuracy on `{cfg.data.tune_eval}` after training on `{cfg.data.tune_train}` "
         "(never on test). Params: trainable parameters excluding the head, mean over data sets. "
@@ -363,6 +372,7 @@ def render_html(results: pd.DataFrame, study: Study, outputs: Outputs | None = N
     context = {
         "study": study.name, "backbone": cfg.backbone.model, "split": info["split"], "final_train": cfg.data.final_train,
         "seeds": info["seeds"], "precision": info["precision"], "holes_note": HOLES_NOTE, "tune_eval": cfg.data.tune_eval,
+        "provenance": provenance_text(prov := provenance_summary(results)), "provenance_warnings": prov["warnings"],
         "deviations": [(m, d) for m, devs in info["deviations"].items() for d in devs],
         "summary": _summary_html(summ, per, datasets, groups),
         "ranks": _rank_table(rank_frame(summ, datasets)),

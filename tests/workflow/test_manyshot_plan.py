@@ -26,6 +26,8 @@ def test_sizes_share_one_decoded_test_set(tmp_path):
     cfg["methods"] = {"linear": {}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     jobs = run_in_subprocess(tmp_path, tmp_path / "study.yaml", dryrun=True)
-    caches = sorted(o for j in jobs if j["rule"].startswith("cache_split") for o in j["output"])
+    caches = sorted(o for j in jobs if j["rule"].startswith("cache_split") for o in j["output"] if o.endswith(".safetensors"))
     assert [c for c in caches if "/test_" in c] == ["results/ms/cache/toy_full/test_32px_bicubic.safetensors"]
     assert len(caches) == 3 * 3 + 1  # train, val, trainval per size, one test
+    records = [o for j in jobs if j["rule"].startswith("cache_split") for o in j["output"] if o.endswith(".source.json")]
+    assert sorted(r.removesuffix(".source.json") for r in records) == caches  # each with its data-source record

@@ -42,7 +42,7 @@ def test_robustness_study_validates_and_plans(tmp_path):
     assert rules.count("train_final") == len(study.method_names())  # the whole DAG is planned up front
     # csv layout: the two tuning splits and the two final-run splits (the ID test split is one of them)
     assert rules.count("cache_split_layout") == 4 and "cache_split" not in rules
-    ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"])
+    ood = sorted(out.rsplit("/", 1)[1] for j in jobs if j["rule"] == "cache_ood" for out in j["output"] if out.endswith(".safetensors"))
     assert ood == ["imagenet_a_224px_bicubic.safetensors", "imagenet_r_224px_bicubic.safetensors", "imagenet_sketch_224px_bicubic.safetensors", "imagenet_v2_224px_bicubic.safetensors"]
     assert {"robustness", "robustness_report"} <= set(rules)
 

@@ -50,7 +50,8 @@ rule cache_split:
             f"{CFG.data.root}/{wc.dataset}/{s}.txt" for s in disjoint_splits(wc.split)
         ],
     output:
-        f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+        cache=f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+        source=f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors.source.json",
     log:
         f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
     wildcard_constraints:
@@ -70,7 +71,7 @@ rule cache_split:
     shell:
         "python -m peft_core.cli cache --root {params.root:q} --dataset {wildcards.dataset:q} --split {wildcards.split:q} "
         "--size {params.size:q} --interpolation {params.interpolation:q} --num-classes {params.num_classes:q} "
-        "{params.disjoint:q} --out {output:q} > {log:q} 2>&1"
+        "{params.disjoint:q} --out {output.cache:q} > {log:q} 2>&1"
 
 
 if OTHER_LAYOUT:
@@ -82,7 +83,8 @@ if OTHER_LAYOUT:
                 layout_listing(wc.dataset, s) for s in disjoint_splits(wc.split)
             ],
         output:
-            f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+            cache=f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+            source=f"{RES}/cache/{{dataset}}/{{split}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors.source.json",
         log:
             f"{LOGS}/cache_split/{{dataset}}/{{split}}.log",
         wildcard_constraints:
@@ -105,4 +107,4 @@ if OTHER_LAYOUT:
         shell:
             "python -m peft_core.cli cache --root {params.root:q} --dataset {wildcards.dataset:q} --split {wildcards.split:q} "
             "--layout {params.layout:q} --size {params.size:q} --interpolation {params.interpolation:q} "
-            "--num-classes {params.num_classes:q} {params.disjoint:q} --out {output:q} > {log:q} 2>&1"
+            "--num-classes {params.num_classes:q} {params.disjoint:q} --out {output.cache:q} > {log:q} 2>&1"

@@ -29,7 +29,8 @@ rule cache_ood:
     input:
         lambda wc: ood_listing(wc.dataset, wc.ood),
     output:
-        f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+        cache=f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors",
+        source=f"{RES}/cache/{{dataset}}/ood/{{ood}}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors.source.json",
     log:
         f"{LOGS}/cache_ood/{{dataset}}/{{ood}}.log",
     wildcard_constraints:
@@ -48,7 +49,7 @@ rule cache_ood:
         num_classes=lambda wc: STUDY.ood_num_classes(wc.dataset, wc.ood),
     shell:
         "python -m peft_core.cli cache --root {params.parent:q} --dataset {params.folder:q} --split {params.split:q} "
-        "--layout {params.layout:q} --size {params.size:q} --interpolation {params.interpolation:q} --num-classes {params.num_classes:q} --out {output:q} "
+        "--layout {params.layout:q} --size {params.size:q} --interpolation {params.interpolation:q} --num-classes {params.num_classes:q} --out {output.cache:q} "
         "> {log:q} 2>&1"
 
 
