@@ -43,8 +43,9 @@ from .config import BackboneSpec, CellSpec, Strict, cell_hash
 from .errors import InputError
 
 _META = "features"
-#: images per forward pass while extracting (the rows do not depend on it: see the tests)
-BATCH = 256
+#: images per forward pass while extracting, per device type (the rows do not depend on it: see
+#: the tests); on a CPU small batches run faster (ViT-Ti/16 at 224 px: 38 img/s at 32, 23 at 128)
+BATCH = {"cpu": 32, "cuda": 256}
 #: the code the features depend on; its checksum is part of the content key
 CODE = ("features.py", "backbones.py", "data.py")
 #: timm ``create_model`` arguments that make the forward pass stochastic in train mode
@@ -185,10 +186,11 @@ def head_inputs(
     seen: list[torch.Tensor] = []
     handle = classifier(model).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     dtype = autocast_dtype(precision)
+    batch = BATCH.get(images.device.type, 256)
     try:
-        for start in range(0, images.shape[0], BATCH):
+        for start in range(0, images.shape[0], batch):
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-                model(to_float(images[start : start + BATCH], normalize))
+                model(to_float(images[start : start + batch], normalize))
     finally:
         handle.remove()
     # a bf16 head input is exactly a float32 one: the head casts it back under the same autocast
