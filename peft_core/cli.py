@@ -166,11 +166,13 @@ def cmd_train(a) -> int:
     from .train import Preempted, run_cell
 
     prestep = _prestep_for([spec], a.prestep)
-    inputs = cell_inputs(spec.train_split, a.train_data, spec.eval_split, a.eval_data, a.checkpoint, prestep=prestep)
+    features = _features(a.features)
+    inputs = cell_inputs(spec.train_split, a.train_data, spec.eval_split, a.eval_data, a.checkpoint, prestep=prestep,
+                         features=features)  # fmt: skip
     try:
         m = run_cell(
             spec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device, code=code, inputs=inputs,
-            prestep=prestep,
+            prestep=prestep, features=features,
         )
     except Preempted:
         return PREEMPTED_EXIT  # the rerun (Snakemake retry or SLURM requeue) resumes
@@ -206,12 +208,14 @@ def cmd_train_pack(a) -> int:
     memo = Path(a.cells_root).parent / "fingerprints"
     prestep = _prestep_for(specs, a.prestep)
     s0 = specs[0]
-    inputs = cell_inputs(s0.train_split, a.train_data, s0.eval_split, a.eval_data, a.checkpoint, memo, prestep)
+    features = _features(a.features)
+    inputs = cell_inputs(s0.train_split, a.train_data, s0.eval_split, a.eval_data, a.checkpoint, memo, prestep,
+                         features)  # fmt: skip
 
     def train_one(spec, out):
         return run_cell(
             spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code, inputs=inputs,
-            prestep=prestep,
+            prestep=prestep, features=features,
         )
 
     def log(msg):
@@ -245,6 +249,30 @@ def _prestep_for(specs: list, paths: list[str] | None) -> Path | None:
     if len(picked) != 1:
         raise InputError(f"--prestep: the cells of one pack need different prestep results ({sorted(map(str, picked))})")
     return picked.pop()
+
+
+def _features(paths: list[str] | None) -> tuple[str, str] | None:
+    """``--features TRAIN EVAL``: the cached head inputs of the two splits (peft_core/features.py)."""
+    if not paths:
+        return None
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: feature cache not found")
+    return paths[0], paths[1]
+
+
+def cmd_features(a) -> int:
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+    from .features import FeatureSpec, extract
+
+    try:
+        fspec = FeatureSpec.model_validate_json(a.spec_json)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, "feature spec")) from None
+    extract(fspec, a.data, a.checkpoint, a.out, a.threads, a.device)
+    return 0
 
 
 def cmd_prestep(a) -> int:
@@ -514,6 +542,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint")
     s.add_argument("--out", required=True, help="cell directory")
     s.add_argument("--prestep", nargs="+", help="the method's prestep result (`peft-core prestep`), for SCT, GPS, NOAH")
+    s.add_argument("--features", nargs=2, metavar=("TRAIN", "EVAL"),
+                   help="cached head inputs of the two splits (`peft-core features`), for head-only methods")  # fmt: skip
     _cell_args(s)
     s.set_defaults(fn=cmd_train)
 
@@ -533,6 +563,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True, help="JSON written once every cell is done")
     s.add_argument("--prestep", nargs="+",
                    help="prestep results of the method (SCT, GPS, NOAH); each cell takes the one made for it")  # fmt: skip
+    s.add_argument("--features", nargs=2, metavar=("TRAIN", "EVAL"),
+                   help="cached head inputs of the two splits (`peft-core features`), for head-only methods")  # fmt: skip
     _cell_args(s)
     s.set_defaults(fn=cmd_train_pack)
 
@@ -544,6 +576,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="result .safetensors (a .json summary is written beside it)")
     _cell_args(s)
     s.set_defaults(fn=cmd_prestep)
+
+    s = sub.add_parser("features", help="cache the frozen backbone's head inputs of one split (linear probe)")
+    s.add_argument("--spec-json", required=True, help="the feature spec (peft_core/features.FeatureSpec) as JSON")
+    s.add_argument("--data", required=True, help="cache of the split")
+    s.add_argument("--checkpoint")
+    s.add_argument("--out", required=True, help="features .safetensors")
+    _cell_args(s)
+    s.set_defaults(fn=cmd_features)
 
     s = sub.add_parser("select", help="choose a configuration by validation accuracy")
     s.add_argument("--cells", nargs="+", required=True, help="tuning cell directories, in listed order")
@@ -715,7 +755,7 @@ def cmd_serve(a) -> int:
 
 
 # Commands worth sending to a running fork server (they import torch + timm).
-FORWARDED = {"train", "train-pack", "prestep", "robustness"}
+FORWARDED = {"train", "train-pack", "prestep", "features", "robustness"}
 
 
 def main(argv: list[str] | None = None) -> int:

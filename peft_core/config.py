@@ -215,6 +215,12 @@ class TrainConfig(Strict):
         "(compute.train.gpu > 0 or device cuda), else fp32; resolved before the cell id is computed",
     )
     compile: bool = Field(False, description="torch.compile the model (pays off for long GPU cells)")
+    feature_cache: bool = Field(
+        True,
+        description="head-only methods (linear) train on the frozen backbone's features, computed once per "
+        "split (rule extract_features), when nothing stochastic precedes the head (drop_path 0, no dropout); "
+        "same result as training on the images, not part of the cell id",
+    )
     pace: PaceConfig | None = Field(
         None,
         description="optional PACE regulariser (adapter / LoRA methods only; peft_core/pace.py): two forward "

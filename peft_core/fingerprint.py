@@ -73,10 +73,12 @@ def cell_inputs(
     checkpoint: str | Path | None,
     memo_dir: str | Path | None = None,
     prestep: str | Path | None = None,
+    features: tuple[str | Path, str | Path] | None = None,
 ) -> dict[str, dict[str, str | None]]:
     """The ``inputs`` record of a cell: the content fingerprint of each data cache it
     reads and the sha256 of its checkpoint (``memo_dir``: where checkpoint digests are memoised),
-    and of its method's prestep result where it has one (peft_core/prestep.py)."""
+    and of its method's prestep result where it has one (peft_core/prestep.py), and of
+    the cached features of its train and eval splits where it reads them (peft_core/features.py)."""
     from .data import cache_fingerprint  # data imports this module (hygiene's file hashes)
 
     from .provenance import read_source
@@ -91,6 +93,10 @@ def cell_inputs(
     }
     if prestep is not None:
         out["prestep"] = {"path": os.fspath(prestep), "sha256": sha256_file(prestep)}
+    if features is not None:
+        from .features import record
+
+        out["features"] = record(*features)
     return out
 
 
@@ -106,4 +112,10 @@ def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
         why.append("checkpoint changed")
     if "prestep" in current and (recorded.get("prestep") or {}).get("sha256") != current["prestep"]["sha256"]:
         why.append("prestep result changed")
+    # features with other bytes retrain; a cell trained on the images (no record), or now
+    # given none (the cache turned off), has the result of either path and is kept
+    old, new = recorded.get("features") or {}, current.get("features") or {}
+    for role in set(old) & set(new):
+        if old[role].get("sha256") != new[role]["sha256"]:
+            why.append(f"{current[role]['split']} features changed")
     return why

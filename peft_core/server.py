@@ -41,7 +41,7 @@ _RC = struct.Struct("!i")
 # The only subcommands the server runs (those that import torch + timm and run
 # many times per study; cli.FORWARDED, the ones the client sends, must be a
 # subset). Anything else is refused, whoever asks.
-ALLOWED = frozenset({"train", "train-pack", "prestep", "robustness"})
+ALLOWED = frozenset({"train", "train-pack", "prestep", "features", "robustness"})
 # A request is argv + cwd + environment: far below this.
 MAX_REQUEST = 1 << 22
 # A client has this long to send its whole request (the server reads one

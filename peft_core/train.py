@@ -239,7 +239,10 @@ def train(
     log,
     resume: Path | None = None,
     flag: dict | None = None,
+    head: torch.nn.Module | None = None,
 ) -> Outcome:
+    """Train ``model`` on images ``x``; with ``head``, ``x`` are the cached inputs of that
+    head (peft_core/features.py) and only the head runs: same parameters, draws and steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec, x.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -249,7 +252,7 @@ def train(
     total_steps = spec.epochs * steps_per_epoch
     dtype = autocast_dtype(spec.precision)
     pace = Pace(model, spec.method, spec.pace.sigma, spec.pace.weight, spec.seed) if spec.pace else None
-    fwd = forward_fn(model, spec)
+    fwd, prepare = _forward(model, spec, head)
     out = Outcome()
     step, first_epoch = 0, 0
     if resume is not None and resume.is_file():
@@ -267,7 +270,7 @@ def train(
                 group["lr"] = lr_at(step, steps_per_epoch, spec)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 if pace is None:
-                    logits = fwd(to_float(x[idx], spec.normalize))
+                    logits = fwd(prepare(x[idx]))
                     loss = F.cross_entropy(logits, y[idx])
                 else:  # two passes with independent noise on the adapter outputs (peft_core/pace.py)
                     loss, logits, _ = pace.loss(fwd, to_float(x[idx], spec.normalize), y[idx], step)
@@ -296,15 +299,22 @@ def train(
     return out
 
 
+def _forward(model, spec: CellSpec, head: torch.nn.Module | None):
+    """(module to call, what turns a slice of ``x`` into its input): the model on images, or the head alone."""
+    if head is None:
+        return forward_fn(model, spec), lambda u: to_float(u, spec.normalize)
+    return forward_fn(head, spec), lambda f: f
+
+
 @torch.inference_mode()
-def evaluate(model, spec: CellSpec, x: torch.Tensor) -> torch.Tensor:
+def evaluate(model, spec: CellSpec, x: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
     model.eval()
     dtype = autocast_dtype(spec.precision)
-    fwd = forward_fn(model, spec)
+    fwd, prepare = _forward(model, spec, head)
     chunks = []
     for start in range(0, x.shape[0], spec.eval_batch_size):
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            chunks.append(fwd(to_float(x[start : start + spec.eval_batch_size], spec.normalize)).float())
+            chunks.append(fwd(prepare(x[start : start + spec.eval_batch_size])).float())
     return torch.cat(chunks)
 
 
@@ -320,6 +330,7 @@ def run_cell(
     code: str | None = None,
     inputs: dict | None = None,
     prestep: str | Path | None = None,
+    features: tuple[str | Path, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json.
 
@@ -327,13 +338,16 @@ def run_cell(
     content fingerprints a later run compares before reusing this cell.
     ``prestep``: the method's data-dependent result (peft_core/prestep.py), for the
     methods that have one; it is copied into the cell directory.
+    ``features``: the cached head inputs of the train and eval splits (peft_core/features.py),
+    for a head-only method; used when the built model allows it, else the images are read.
     """
     import pandas as pd
 
     if log is None and sys.stderr.isatty():
         with rich_epoch_log(spec) as live:
             return run_cell(
-                spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs, prestep
+                spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs, prestep,
+                features,
             )
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
@@ -348,19 +362,26 @@ def run_cell(
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(spec.seed)
-    train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
-    model = build_model(spec, checkpoint, dev, state)
+    if features is None:
+        train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
+    model = build_model(spec, checkpoint, dev, state)  # the same draws with or without cached features
+    head = None
+    if features is not None:  # the head's cached inputs, or the images where this model needs them
+        from .features import cell_splits
+
+        train_split, eval_split, head = cell_splits(spec, model, features, train_data, eval_data, checkpoint,
+                                                    inputs, dev, log)  # fmt: skip
     if prestep is not None:
         keep_in_cell(prestep, out_dir)
     t_loaded = time.perf_counter()
 
     resume = out_dir / RESUME
     with preemption_flag() as flag:
-        outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag)
+        outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag, head)
     t_trained = time.perf_counter()
 
     if outcome.status == "ok":
-        logits = evaluate(model, spec, eval_split.images).cpu()
+        logits = evaluate(model, spec, eval_split.images, head).cpu()
         if not torch.isfinite(logits).all():
             outcome.status = "diverged"
     t_eval = time.perf_counter()
@@ -414,6 +435,7 @@ def run_cell(
         "schedule": spec.schedule,
         "init": spec.init,
         "compiled": spec.compile,
+        "feature_cache": head is not None,  # trained on cached frozen features (peft_core/features.py)
         "threads": threads,
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -82,6 +82,9 @@ class Method:
     step_hook: StepHook | None = None
     #: for methods that choose something from the task's data before training
     prestep: Prestep | None = None
+    #: only the classification head trains (the linear probe): its cells may train on
+    #: cached frozen features (peft_core/features.py)
+    head_only: bool = False
 
     @property
     def mergeable(self) -> bool:
@@ -136,6 +139,7 @@ def register_method(
     deviations: tuple[str, ...] = (),
     step_hook: StepHook | None = None,
     prestep: Prestep | None = None,
+    head_only: bool = False,
 ) -> Method:
     """Register a method; called once at the bottom of each method module.
 
@@ -145,6 +149,8 @@ def register_method(
     (:class:`StepHook`); most methods have none.
     ``prestep``: for methods that choose something from the task's training data
     first (:class:`Prestep`); their ``apply`` takes ``(model, hp, state=None)``.
+    ``head_only``: ``apply`` leaves every backbone tensor frozen and untouched (only the
+    head trains), so the cells may train on cached features (peft_core/features.py).
     """
     if name in _METHODS:
         raise ValueError(f"method {name!r} is registered twice")
@@ -164,6 +170,7 @@ def register_method(
         deviations=deviations,
         step_hook=step_hook,
         prestep=prestep,
+        head_only=head_only,
     )
     _METHODS[name] = method
     return method

@@ -12,6 +12,10 @@ Mergeable: the backbone is untouched, and the normalisation folds into the
 head (``W / sigma``, ``b - W mu / sigma``, running statistics), leaving a plain
 timm model; 0 trainable backbone parameters either way.
 
+Only the head trains, so its cells train on the frozen backbone's features
+computed once per split (``train.feature_cache``, peft_core/features.py), with
+the same result as training on the images.
+
 Deviations from the reference codebase (``METHOD.deviations``, docs/deviations.md):
 
 * option norm='batchnorm' (MAE's linear-probing recipe: parameter-free BatchNorm before the head) is not in the reference; the default norm='none' is the reference's plain head
@@ -92,4 +96,5 @@ METHOD = register_method(
         "option norm='batchnorm' (MAE's linear-probing recipe: parameter-free BatchNorm before the head) "
         "is not in the reference; the default norm='none' is the reference's plain head",
     ),
+    head_only=True,  # its cells train on cached frozen features (peft_core/features.py)
 )

@@ -8,6 +8,8 @@ from snakemake.exceptions import WorkflowError
 
 from peft_core.config import load_study
 from peft_core.errors import InputError
+from peft_core.features import CODE as FEATURE_SOURCES
+from peft_core.features import feature_spec, plan_reason
 from peft_core.methods import get_method
 from peft_core.config import final_cells
 from peft_core.packs import group_into_packs, pack_id
@@ -57,12 +59,24 @@ ENGINE_CODE = [
     code_path(REPO / "peft_core" / f)
     for f in ("train.py", "pace.py", "backbones.py", "data.py", "init.py")
 ]
+
+
 # A method's own file and the private helpers it imports (e.g. _adapter.py):
 # editing them reruns only the cells of the methods that use them.
 # The prestep engine (peft_core/prestep.py) is code of the data-dependent methods only.
+# The feature cache (peft_core/features.py) is code of the head-only methods (linear) only.
+def stage_code(method):
+    m = get_method(method)
+    return [
+        f
+        for f, used in (("prestep.py", m.prestep), ("features.py", m.head_only))
+        if used
+    ]
+
+
 METHOD_CODE = {
     m: [code_path(p) for p in get_method(m).code_files]
-    + ([code_path(REPO / "peft_core" / "prestep.py")] if get_method(m).prestep else [])
+    + [code_path(REPO / "peft_core" / f) for f in stage_code(m)]
     for m in METHODS
 }
 
@@ -158,6 +172,43 @@ for (_d, _m), _specs in TUNE.items():
         FINAL_PRESTEPS[(_d, _m)] = list(_finals)
 
 
+# Cached frozen features (the linear probe; peft_core/features.py): one file per
+# (data set, split) read by a head-only method's cells, when nothing stochastic
+# precedes the head; train.feature_cache: false turns it off.
+FEATURE_CODE = [code_path(REPO / "peft_core" / f) for f in FEATURE_SOURCES]
+FEATURES = {}  # features path -> FeatureSpec
+# (dataset, method, "tune" | "final") -> [train features, eval features]
+CELL_FEATURES = {}
+
+
+def features_path(fspec):
+    return f"{RES}/features/{fspec.dataset}/{fspec.split}_{fspec.key}.safetensors"
+
+
+for (_d, _m), _specs in TUNE.items():
+    if _specs and plan_reason(_specs[0], CFG.train.feature_cache) is None:
+        _final = final_cells(
+            _specs[0],
+            CFG.train.final_seeds[:1],
+            CFG.data.final_train,
+            CFG.data.final_eval,
+        )[0]
+        for _stage, _cell in (("tune", _specs[0]), ("final", _final)):
+            _pair = [
+                feature_spec(_cell, _cell.train_split),
+                feature_spec(_cell, _cell.eval_split),
+            ]
+            FEATURES.update({features_path(f): f for f in _pair})
+            CELL_FEATURES[(_d, _m, _stage)] = [features_path(f) for f in _pair]
+
+
+def feature_of(wildcards):
+    path = f"{RES}/features/{wildcards.dataset}/{wildcards.split}_{wildcards.key}.safetensors"
+    if path not in FEATURES:
+        raise WorkflowError(f"features {path:q} are not in the config")
+    return FEATURES[path]
+
+
 def prestep_of(wildcards):
     path = prestep_path_of(wildcards)
     if path not in PRESTEPS:
@@ -213,6 +264,8 @@ def train_inputs(wildcards):
     }
     if spec.method in PRESTEP_METHODS:
         out["prestep"] = prestep_path(cell_prestep(spec))
+    if (spec.dataset, spec.method, "tune") in CELL_FEATURES:
+        out["features"] = CELL_FEATURES[(spec.dataset, spec.method, "tune")]
     return out
 
 
@@ -231,6 +284,8 @@ def final_inputs(wildcards):
     }
     if wildcards.method in PRESTEP_METHODS:
         out["prestep"] = FINAL_PRESTEPS[(wildcards.dataset, wildcards.method)]
+    if (wildcards.dataset, wildcards.method, "final") in CELL_FEATURES:
+        out["features"] = CELL_FEATURES[(wildcards.dataset, wildcards.method, "final")]
     return out
 
 

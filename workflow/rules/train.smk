@@ -45,6 +45,36 @@ rule run_prestep:
         "> {log:q} 2>&1"
 
 
+# Cached frozen features (peft_core/features.py): the classification head's input
+# for every image of one split, computed once and read by the head-only methods'
+# cells (the linear probe) instead of the images, with the same result. Named by
+# what the plan knows; the file holds its content key (the split's pixels and
+# labels, the checkpoint's bytes, this code), which each cell checks.
+rule extract_features:
+    input:
+        data=lambda wc: cache_path(wc.dataset, wc.split),
+        checkpoint=CFG.backbone.checkpoint,
+        code=FEATURE_CODE,
+    output:
+        f"{RES}/features/{{dataset}}/{{split}}_{{key}}.safetensors",
+    log:
+        f"{LOGS}/extract_features/{{dataset}}/{{split}}_{{key}}.log",
+    conda:
+        ENV
+    threads: CFG.compute.train.threads
+    resources:
+        gpu=CFG.compute.train.gpu,
+        mem_mb=CFG.compute.train.mem_mb,
+        runtime=CFG.compute.train.runtime,
+    params:
+        spec=lambda wc: feature_of(wc).canonical_json(),
+        device=CFG.compute.train.device,
+    shell:
+        "python -m peft_core.cli features --spec-json {params.spec:q} --data {input.data:q} "
+        "--checkpoint {input.checkpoint:q} --out {output:q} --threads {threads} --device {params.device:q} "
+        "> {log:q} 2>&1"
+
+
 # Tuning: one job per method configuration trains its lr x weight-decay cells
 # one after another, reusing any cell already done with the same spec and code
 # (peft_core/packs.py); its manifest, written last, is what selection waits for.
@@ -69,11 +99,12 @@ rule train_pack:
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
         prestep=optional_args("--prestep", "prestep"),
+        features=optional_args("--features", "features"),
     shell:
         "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "{params.prestep:q} > {log:q} 2>&1"
+        "{params.prestep:q} {params.features:q} > {log:q} 2>&1"
 
 
 # Final runs: one job per (dataset, method) trains the chosen configuration
@@ -106,9 +137,10 @@ rule train_final:
         cells=f"{RES}/cells",
         device=CFG.compute.train.device,
         prestep=optional_args("--prestep", "prestep"),
+        features=optional_args("--features", "features"),
     shell:
         "python -m peft_core.cli train-pack --selection {input.selection:q} --final-seeds {params.seeds:q} "
         "--final-train {params.final_train:q} --final-eval {params.final_eval:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "{params.prestep:q} > {log:q} 2>&1"
+        "{params.prestep:q} {params.features:q} > {log:q} 2>&1"
