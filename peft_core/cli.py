@@ -92,7 +92,7 @@ def cmd_prepare_vtab(a) -> int:
         missing = [f for f, v in (("--source", a.source), ("--dataset", a.dataset), ("--out", a.out)) if not v]
         if missing:
             raise InputError(f"--source-format needs {', '.join(missing)}")
-        print(f"wrote {build(a.source_format, a.source, a.dataset, a.out)}")
+        print(f"wrote {build(a.source_format, a.source, a.dataset, a.out, image_encoding=a.image_encoding)}")
         a.root, a.datasets = a.out, [a.dataset]
     elif not a.root:
         raise InputError("give --root (check a processed tree) or --source-format (build one data set)")
@@ -498,6 +498,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--source", help="build mode: the TFDS data_dir (or version folder), or the extracted archive")
     s.add_argument("--dataset", help="build mode: the VTAB-1k data set to write (cifar100, clevr_count, ...)")
     s.add_argument("--out", help="build mode: writes <out>/<dataset>/ (split files, images, manifest.json), then checks it")
+    s.add_argument("--image-encoding", default="png", choices=["png", "source"],
+                   help="build mode: png = decoded pixels as PNG (default); source = each TFDS record's own "
+                        "encoded bytes, unchanged (tfds only; far smaller for the JPEG sets)")  # fmt: skip
     s.set_defaults(fn=cmd_prepare_vtab)
 
     s = sub.add_parser("prepare-manyshot", help="many-shot subsets by training-set size (stratified, nested, seeded)")

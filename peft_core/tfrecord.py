@@ -65,7 +65,9 @@ def masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def read_records(path: Path, wanted: Iterable[int] | None = None, verify_data: bool = True) -> Iterator[tuple[int, bytes]]:
+def read_records(
+    path: Path, wanted: Iterable[int] | None = None, verify_data: bool = True
+) -> Iterator[tuple[int, bytes]]:
     """``(index, data)`` for each record of one file (only the ``wanted`` indices; others are seeked past)."""
     want = None if wanted is None else set(wanted)
     last = None if want is None else (max(want) if want else -1)

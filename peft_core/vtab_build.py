@@ -27,7 +27,11 @@ Images are stored at their native size (no resize: the cache step resizes),
 as PNG written by Pillow with fixed options and no metadata, so the same inputs
 give byte-identical files with the same Pillow and zlib; ``pixels_sha256`` in
 the manifest hashes the decoded pixels of each split, independent of the PNG
-encoder. Grayscale stays grayscale (the cache step converts to RGB, as the
+encoder. ``image_encoding="source"`` (tfds only) instead stores each record's
+own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
+far smaller for the JPEG sets (sun397, retinopathy), and the pixels are those
+of the official records as any decoder reads them; ``pixels_sha256`` then
+hashes those bytes. Grayscale stays grayscale (the cache step converts to RGB, as the
 reference preprocess tiles the channel); dsprites' 0/1 pixels are multiplied by
 255 as the reference preprocess does.
 """
@@ -53,8 +57,9 @@ from .vtab_splits import resolve_split, resolved_slices, task_label
 FORMAT = "peft-core vtab build v1"
 SOURCE_FORMATS = ("tfds", "cifar-binary", "svhn-mat")
 PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
-# an example: index within its TFDS split, pixels (H x W or H x W x 3 uint8), label
-Reader = Callable[[str, list[int]], Iterator[tuple[int, np.ndarray, int]]]
+IMAGE_ENCODINGS = ("png", "source")
+# an example: index within its TFDS split, pixels (H x W or H x W x 3 uint8) or encoded bytes, label
+Reader = Callable[[str, list[int]], Iterator[tuple[int, "np.ndarray | bytes", int]]]
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ def _split_counts(info: dict, folder: Path) -> dict[str, list[int]]:
         if not lengths:
             lengths = [count_records(s) for s in shards]
         if len(lengths) != len(shards):
-            raise InputError(f"{folder}: split {name!r} has {len(shards)} shard files, dataset_info.json says {len(lengths)}")
+            raise InputError(f"{folder}: split {name!r} has {len(shards)} shard files, "
+                             f"dataset_info.json says {len(lengths)}")  # fmt: skip
         out[name] = lengths
     return out
 
@@ -128,7 +134,7 @@ def _shards(folder: Path, split: str) -> list[Path]:
     return files
 
 
-def tfds_source(path: Path, task: VtabTask) -> Source:
+def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
     folder = find_tfds_dir(path, task)
     info_path = folder / "dataset_info.json"
     try:
@@ -139,7 +145,7 @@ def tfds_source(path: Path, task: VtabTask) -> Source:
         raise InputError(f"{info_path}: file format {info['fileFormat']!r}; only tfrecord shards are read")
     shard_lengths = _split_counts(info, folder)
 
-    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
+    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray | bytes, int]]:
         offset, pending = 0, list(indices)
         for shard, n in zip(_shards(folder, split), shard_lengths[split], strict=True):
             local = [i - offset for i in pending if offset <= i < offset + n]
@@ -147,7 +153,9 @@ def tfds_source(path: Path, task: VtabTask) -> Source:
                 features = parse_example(data)
                 if "image" not in features or len(features["image"]) != 1:
                     raise InputError(f"{shard}: record {j} has no single 'image' feature")
-                yield offset + j, _decode(features["image"][0], task.image_scale), task_label(task, features)
+                image = features["image"][0]
+                image = image if keep_encoded else _decode(image, task.image_scale)
+                yield offset + j, image, task_label(task, features)
             offset += n
 
     record = {"tfds_dir": str(folder), "tfds_name": task.tfds_name, "tfds_version": folder.name,
@@ -170,7 +178,7 @@ def _find(path: Path, names: tuple[str, ...], sub: str) -> dict[str, Path]:
     return files
 
 
-def cifar_source(path: Path, task: VtabTask) -> Source:
+def cifar_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
     files = _find(path, ("train.bin", "test.bin"), "cifar-100-binary")
     counts = {}
     for split, f in (("train", files["train.bin"]), ("test", files["test.bin"])):
@@ -190,7 +198,7 @@ def cifar_source(path: Path, task: VtabTask) -> Source:
     return Source(counts, read, False, {"files": {n: _sha_file(p) for n, p in files.items()}})
 
 
-def svhn_source(path: Path, task: VtabTask) -> Source:
+def svhn_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
     from scipy.io import loadmat
 
     files = _find(path, ("train_32x32.mat", "test_32x32.mat"), "svhn")
@@ -226,8 +234,28 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def build(source_format: str, source: str | Path, dataset: str, out: str | Path) -> Path:
-    """Write ``<out>/<dataset>/`` (split files, PNGs, manifest.json); returns that folder."""
+def _suffix(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return ".png"
+    if data.startswith(b"\xff\xd8"):
+        return ".jpg"
+    raise InputError(f"encoded image is neither PNG nor JPEG (starts {data[:4]!r}): use --image-encoding png")
+
+
+def _store(folder: Path, stem: str, image: np.ndarray | bytes) -> tuple[str, bytes]:
+    """Write one image; returns its path relative to ``folder`` and its digest for ``pixels_sha256``."""
+    if isinstance(image, bytes):
+        rel = stem + _suffix(image)
+        tmp = folder / f"{rel}.tmp"
+        tmp.write_bytes(image)
+        os.replace(tmp, folder / rel)
+        return rel, hashlib.sha256(image).digest()
+    _write_png(folder / f"{stem}.png", image)
+    return f"{stem}.png", hashlib.sha256(f"{image.shape}\n".encode() + image.tobytes()).digest()
+
+
+def build(source_format: str, source: str | Path, dataset: str, out: str | Path, image_encoding: str = "png") -> Path:
+    """Write ``<out>/<dataset>/`` (split files, images, manifest.json); returns that folder."""
     if source_format not in OPENERS:
         raise InputError(f"--source-format: {source_format!r} is not one of {', '.join(SOURCE_FORMATS)}")
     if dataset not in TASKS:
@@ -235,11 +263,17 @@ def build(source_format: str, source: str | Path, dataset: str, out: str | Path)
     only = ARCHIVE_DATASETS.get(source_format)
     if only and dataset != only:
         raise InputError(f"--source-format {source_format} holds {only} only, not {dataset}")
+    if image_encoding not in IMAGE_ENCODINGS:
+        raise InputError(f"--image-encoding: {image_encoding!r} is not one of {', '.join(IMAGE_ENCODINGS)}")
+    task = TASKS[dataset]
+    keep = image_encoding == "source"
+    if keep and (source_format != "tfds" or task.image_scale != 1):
+        why = "the archives hold raw pixels" if source_format != "tfds" else f"{dataset}'s pixels are rescaled"
+        raise InputError(f"--image-encoding source: not for {source_format} / {dataset} ({why}); use png")
     source = Path(source)
     if not source.exists():
         raise InputError(f"--source {source}: not found")
-    task = TASKS[dataset]
-    src = OPENERS[source_format](source, task)
+    src = OPENERS[source_format](source, task, keep)
     try:
         slices = resolved_slices(task, src.counts)
         parts = {split: resolve_split(slices[split], src.counts) for split in SPLIT_NAMES}
@@ -254,31 +288,29 @@ def build(source_format: str, source: str | Path, dataset: str, out: str | Path)
     for split_parts in parts.values():
         for name, r in split_parts:
             wanted.setdefault(name, set()).update(r)
-    labels, digests = {}, {}
+    stored: dict[tuple[str, int], tuple[str, bytes, int]] = {}  # (split, index) -> (path, digest, label)
     for name in sorted(wanted):
         (folder / "images" / name).mkdir(parents=True, exist_ok=True)
-        for i, pixels, label in src.read(name, sorted(wanted[name])):
+        for i, image, label in src.read(name, sorted(wanted[name])):
             if not 0 <= label < task.num_classes:
                 raise InputError(f"{source}: {name} record {i}: label {label} outside 0..{task.num_classes - 1}")
-            rel = f"images/{name}/{i:06d}.png"
-            _write_png(folder / rel, pixels)
-            labels[rel] = label
-            digests[rel] = hashlib.sha256(f"{pixels.shape}\n".encode() + pixels.tobytes()).digest()
+            stored[name, i] = (*_store(folder, f"images/{name}/{i:06d}", image), label)
     texts, pixel_sha = {}, {}
     for split, split_parts in parts.items():
-        rels = [f"images/{name}/{i:06d}.png" for name, r in split_parts for i in r]
-        missing = [r for r in rels if r not in labels]
+        keys = [(name, i) for name, r in split_parts for i in r]
+        missing = [k for k in keys if k not in stored]
         if missing:
             raise InputError(f"{source}: {len(missing)} records of {split} were not found, e.g. {missing[0]}")
-        texts[split] = "".join(f"{rel} {labels[rel]}\n" for rel in rels)
-        pixel_sha[split] = hashlib.sha256(b"".join(digests[r] for r in rels)).hexdigest()
+        texts[split] = "".join(f"{stored[k][0]} {stored[k][2]}\n" for k in keys)
+        pixel_sha[split] = hashlib.sha256(b"".join(stored[k][1] for k in keys)).hexdigest()
     for split, text in texts.items():
         write_atomic(folder / f"{split}.txt", text)
-    write_atomic(folder / "manifest.json", json.dumps(_manifest(task, dataset, source_format, src, slices, texts, pixel_sha), indent=1, sort_keys=True) + "\n")
+    manifest = _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep)
+    write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return folder
 
 
-def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha) -> dict:
+def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep) -> dict:
     import PIL
 
     order = ("TFDS record order (shards in order, records in order): the official VTAB-1k images"
@@ -298,8 +330,10 @@ def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha) -> di
         "labels": f"{task.label} (task_adaptation/data/{task.source})",
         "task_adaptation": {"repo": TASK_ADAPTATION_REPO, "commit": TASK_ADAPTATION_COMMIT,
                             "file": f"task_adaptation/data/{task.source.split(' ')[0]}"},  # fmt: skip
-        "image_encoding": f"PNG (Pillow {PIL.__version__}, compress_level=6, no metadata); grayscale kept as L",
-        "pixel_transform": f"x{task.image_scale} (0/1 pixels, as the reference preprocess)" if task.image_scale != 1 else "none",
+        "image_encoding": "source: each TFDS record's encoded image bytes, unchanged" if keep else
+                          f"PNG (Pillow {PIL.__version__}, compress_level=6, no metadata); grayscale kept as L",
+        "pixels_sha256_of": "the stored encoded bytes" if keep else "the decoded pixels (shape + bytes)",
+        "pixel_transform": "none" if task.image_scale == 1 else f"x{task.image_scale} (0/1 pixels, as the reference preprocess)",
         "resize": "none: images stored at their native size (the cache step resizes)",
         "files": {f"{s}.txt": hashlib.sha256(t.encode()).hexdigest() for s, t in texts.items()},
         "pixels_sha256": pixel_sha,

@@ -218,3 +218,16 @@ def test_refusals(tmp_path, kitti_src, capsys):
     assert main(["prepare-vtab", "--source-format", "tfds", "--dataset", "kitti"]) == 2
     assert "--source" in capsys.readouterr().err
     assert main(["prepare-vtab"]) == 2
+
+
+def test_source_encoding_keeps_the_record_bytes(kitti_src, tmp_path, capsys):
+    rc = main(["prepare-vtab", "--source-format", "tfds", "--source", str(kitti_src), "--dataset", "kitti",
+               "--out", str(tmp_path / "a"), "--image-encoding", "source"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().out
+    folder = tmp_path / "a" / "kitti"
+    assert (folder / "images/train/000007.png").read_bytes() == kitti_example(7)["image"][0]
+    assert "source" in json.loads((folder / "manifest.json").read_text())["image_encoding"]
+    with pytest.raises(InputError, match="rescaled"):
+        build("tfds", kitti_src, "dsprites_loc", tmp_path / "b", image_encoding="source")
+    with pytest.raises(InputError, match="raw pixels"):
+        build("svhn-mat", tmp_path, "svhn", tmp_path / "b", image_encoding="source")
