@@ -7,11 +7,13 @@ Writes ``<out>/<dataset>/{train800,val200,train800val200,test}.txt`` (lines
 - ``tfds``: a TFDS prepared directory, ``<data_dir>/<builder>/<version>/`` with
   ``dataset_info.json`` and ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` shards
   (``--source`` is the data_dir or the version folder itself), read without
-  TensorFlow (peft_core/tfrecord.py). Record order is shard order, then record
-  order within a shard: the order TFDS reads a split in without file shuffling
-  (task_adaptation reads with ``shuffle_files=False``), which is what the slices
-  index. **These are the official VTAB-1k images**, given the TFDS version the
-  reference code names (peft_core/vtab_splits.py); the manifest records the version.
+  TensorFlow (peft_core/tfrecord.py). A record's index is its position in shard
+  order, then record order within its shard: the index TFDS slices select by
+  (its file instructions count records over ``shardLengths``). TFDS may iterate
+  a slice interleaved across shards, which changes the order of the lines, not
+  which images a split holds. **These are the official VTAB-1k images**, given the
+  TFDS version the reference code names (peft_core/vtab_splits.py; the manifest
+  records the version found).
 - ``cifar-binary`` (cifar100 only): the ``cifar-100-binary`` archive's ``train.bin``
   / ``test.bin``, records of 1 coarse + 1 fine label byte + 3072 pixel bytes
   (R, G, B planes of 32x32), read as bytes (no pickle).
