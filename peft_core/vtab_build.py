@@ -156,8 +156,11 @@ def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Sourc
                 if "image" not in features or len(features["image"]) != 1:
                     raise InputError(f"{shard}: record {j} has no single 'image' feature")
                 image = features["image"][0]
-                image = image if keep_encoded else _decode(image, task.image_scale)
-                yield offset + j, image, task_label(task, features)
+                try:
+                    label = task_label(task, features)
+                except (KeyError, ValueError) as err:
+                    raise InputError(f"{shard}: record {j}: no {task.label} label ({err}); another data set?") from None
+                yield offset + j, image if keep_encoded else _decode(image, task.image_scale), label
             offset += n
 
     record = {"tfds_dir": str(folder), "tfds_name": task.tfds_name, "tfds_version": folder.name,

@@ -218,12 +218,14 @@ def _first(features: Mapping[str, Sequence], key: str) -> int:
 def task_label(task: VtabTask, features: Mapping[str, Sequence]) -> int:
     """The VTAB label of one decoded TFDS example (feature key -> list of values)."""
     rule = task.label
+    # TFDS flattens a Sequence of objects into one list per field ("objects/size": n values,
+    # "objects/pixel_coords": 3n); an absent key is an empty sequence
     if rule == "clevr_count":
-        return clevr_count_label(len(features["objects/size"]))
+        return clevr_count_label(len(features.get("objects/size", ())))
     if rule == "clevr_distance":
-        return clevr_distance_label(features["objects/pixel_coords"])
+        return clevr_distance_label(features.get("objects/pixel_coords", ()))
     if rule == "kitti_distance":
-        return kitti_distance_label(features["objects/type"], features["objects/location"])
+        return kitti_distance_label(features.get("objects/type", ()), features.get("objects/location", ()))
     if rule == "dsprites_loc":
         return dsprites_label(_first(features, "label_x_position"), "label_x_position", task.num_classes)
     if rule == "dsprites_ori":

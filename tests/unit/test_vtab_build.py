@@ -231,3 +231,26 @@ def test_source_encoding_keeps_the_record_bytes(kitti_src, tmp_path, capsys):
         build("tfds", kitti_src, "dsprites_loc", tmp_path / "b", image_encoding="source")
     with pytest.raises(InputError, match="raw pixels"):
         build("svhn-mat", tmp_path, "svhn", tmp_path / "b", image_encoding="source")
+
+
+def test_a_record_without_the_task_feature_is_refused(tmp_path):
+    """Records with no label_x_position (another data set's): building dsprites_loc names the record."""
+    fake_tfds(tmp_path, "dsprites", "2.0.0", {"train": [[{"image": [png(0, "L")], "label": [0]}] * 1000]})
+    with pytest.raises(InputError, match="record 0: no dsprites_loc label"):
+        build("tfds", tmp_path, "dsprites_loc", tmp_path / "out")
+
+
+def test_tfds_dsprites_scales_pixels_and_bins_labels(tmp_path):
+    """dsprites: one TFDS split; 0/1 pixels x255; x position 32 -> 16 bins; test = train[90%:]."""
+    def ex(i):
+        return {"image": [png(i % 2, "L")], "label_x_position": [i % 32], "label_orientation": [i % 40]}
+
+    fake_tfds(tmp_path, "dsprites", "2.0.1", {"train": [[ex(i) for i in range(1000)], [ex(i) for i in range(1000, 2000)]]})
+    folder = build("tfds", tmp_path, "dsprites_loc", tmp_path / "out")
+    slices = json.loads((folder / "manifest.json").read_text())["splits"]
+    assert (slices["val200"]["slice"], slices["test"]) == ("train[1600:1800]", {"slice": "train[1800:]", "images": 200})
+    assert (folder / "train800.txt").read_text().splitlines()[31] == "images/train/000031.png 15"
+    with Image.open(folder / "images/train/000001.png") as img:
+        assert img.mode == "L" and img.getpixel((0, 0)) == 255
+    text, problems = check_root(tmp_path / "out", ["dsprites_loc"], full=True)
+    assert problems == 0, text
