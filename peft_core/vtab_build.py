@@ -114,17 +114,19 @@ def find_tfds_dir(data_dir: Path, task: VtabTask) -> Path:
 
 
 def _split_counts(info: dict, folder: Path) -> dict[str, list[int]]:
-    """TFDS split name -> shard lengths, from dataset_info.json (shardLengths; counted if absent)."""
+    """TFDS split name -> shard lengths: counted, and checked against dataset_info.json's shardLengths."""
     out = {}
     for split in info.get("splits", []):
         name = split["name"]
         shards = _shards(folder, name)
-        lengths = [int(n) for n in split.get("shardLengths", [])]
-        if not lengths:
-            lengths = [count_records(s) for s in shards]
-        if len(lengths) != len(shards):
+        declared = [int(n) for n in split.get("shardLengths", [])]
+        if declared and len(declared) != len(shards):
             raise InputError(f"{folder}: split {name!r} has {len(shards)} shard files, "
-                             f"dataset_info.json says {len(lengths)}")  # fmt: skip
+                             f"dataset_info.json says {len(declared)}")  # fmt: skip
+        lengths = [count_records(s) for s in shards]  # headers only: the indices must be exact
+        if declared and declared != lengths:
+            bad = next(i for i, (d, n) in enumerate(zip(declared, lengths, strict=True)) if d != n)
+            raise InputError(f"{shards[bad]}: {lengths[bad]} records, dataset_info.json says {declared[bad]}")
         out[name] = lengths
     return out
 

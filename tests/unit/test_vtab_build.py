@@ -215,6 +215,12 @@ def test_refusals(tmp_path, kitti_src, capsys):
                                                         "validation": [[{"image": [png(0)], "label": [0]}] * 12],
                                                         "test": [[{"image": [png(0)], "label": [0]}]]})  # fmt: skip
         build("tfds", tmp_path / "small", "dtd", tmp_path / "out")
+    info_path = kitti_src / "kitti/3.1.0/dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["splits"][0]["shardLengths"] = ["400", "500"]  # the files hold 500 + 400
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(InputError, match="500 records, dataset_info.json says 400"):
+        build("tfds", kitti_src, "kitti", tmp_path / "out")
     assert main(["prepare-vtab", "--source-format", "tfds", "--dataset", "kitti"]) == 2
     assert "--source" in capsys.readouterr().err
     assert main(["prepare-vtab"]) == 2
