@@ -260,3 +260,45 @@ def test_tfds_dsprites_scales_pixels_and_bins_labels(tmp_path):
         assert img.mode == "L" and img.getpixel((0, 0)) == 255
     text, problems = check_root(tmp_path / "out", ["dsprites_loc"], full=True)
     assert problems == 0, text
+
+
+def _protobuf_example_class():
+    """tf.train.Example built from tensorflow/core/example/{example,feature}.proto with the protobuf package."""
+    pytest.importorskip("google.protobuf")
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name="example.proto", package="tensorflow", syntax="proto3")
+    T, L = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+    for name, typ in (("BytesList", T.TYPE_BYTES), ("FloatList", T.TYPE_FLOAT), ("Int64List", T.TYPE_INT64)):
+        f.message_type.add(name=name).field.add(name="value", number=1, type=typ, label=L)
+    feature = f.message_type.add(name="Feature")
+    feature.oneof_decl.add(name="kind")
+    for i, name in enumerate(("bytes_list", "float_list", "int64_list"), 1):
+        feature.field.add(name=name, number=i, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL, oneof_index=0,
+                          type_name=".tensorflow." + {"bytes_list": "BytesList", "float_list": "FloatList",
+                                                      "int64_list": "Int64List"}[name])  # fmt: skip
+    features = f.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL, type_name=".tensorflow.Feature")
+    features.field.add(name="feature", number=1, type=T.TYPE_MESSAGE, label=L,
+                       type_name=".tensorflow.Features.FeatureEntry")  # fmt: skip
+    f.message_type.add(name="Example").field.add(name="features", number=1, type=T.TYPE_MESSAGE,
+                                                 label=T.LABEL_OPTIONAL, type_name=".tensorflow.Features")  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
+
+
+def test_decoder_reads_what_protobuf_writes():
+    """Cross-check with an independent encoder (skipped without the protobuf package)."""
+    example = _protobuf_example_class()()
+    feats = example.features.feature
+    feats["image"].bytes_list.value.extend([b"\x89PNG\r\n", b""])
+    feats["objects/location"].float_list.value.extend([0.5, -1.25, 23.0])
+    feats["objects/type"].int64_list.value.extend([0, 7, -1, 1 << 40])
+    feats["empty"].int64_list.SetInParent()
+    got = parse_example(example.SerializeToString())
+    assert got == {"image": [b"\x89PNG\r\n", b""], "objects/location": [0.5, -1.25, 23.0],
+                   "objects/type": [0, 7, -1, 1 << 40], "empty": []}  # fmt: skip
