@@ -53,6 +53,7 @@ import numpy as np
 from .errors import InputError
 from .manyshot import write_atomic
 from .tfrecord import count_records, parse_example, read_records
+from .vtab import SPLITS
 from .vtab_splits import SPLIT_NAMES, TASK_ADAPTATION_COMMIT, TASK_ADAPTATION_REPO, TASKS, VtabTask
 from .vtab_splits import resolve_split, resolved_slices, task_label
 
@@ -288,7 +289,7 @@ def build(source_format: str, source: str | Path, dataset: str, out: str | Path,
         raise InputError(f"{source}: {err.args[0]}") from None
     for split in ("train800", "val200", "train800val200"):
         got = sum(len(r) for _, r in parts[split])
-        if got != {"train800": 800, "val200": 200, "train800val200": 1000}[split]:
+        if got != SPLITS[split]:
             raise InputError(f"{source}: {split} = {slices[split]} has {got} images (counts {src.counts})")
     folder = Path(out) / dataset
     wanted: dict[str, set[int]] = {}
