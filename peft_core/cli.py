@@ -86,6 +86,16 @@ def cmd_cache(a) -> int:
 def cmd_prepare_vtab(a) -> int:
     from .vtab import check_root
 
+    if a.source_format:  # build one data set from raw sources, then check it
+        from .vtab_build import build
+
+        missing = [f for f, v in (("--source", a.source), ("--dataset", a.dataset), ("--out", a.out)) if not v]
+        if missing:
+            raise InputError(f"--source-format needs {', '.join(missing)}")
+        print(f"wrote {build(a.source_format, a.source, a.dataset, a.out, image_encoding=a.image_encoding)}")
+        a.root, a.datasets = a.out, [a.dataset]
+    elif not a.root:
+        raise InputError("give --root (check a processed tree) or --source-format (build one data set)")
     text, problems = check_root(a.root, a.datasets, full=a.full)
     print(text)
     return 1 if problems else 0
@@ -505,10 +515,20 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse if SPLIT of the same data set shares an image, by path or bytes (repeatable)")  # fmt: skip
     s.set_defaults(fn=cmd_cache)
 
-    s = sub.add_parser("prepare-vtab", help="check a processed VTAB-1k root (splits, sizes, labels, image files)")
-    s.add_argument("--root", required=True)
+    s = sub.add_parser("prepare-vtab", help="check a processed VTAB-1k root (splits, sizes, labels, image files), "
+                       "or build one data set of it from raw sources first (--source-format)")  # fmt: skip
+    s.add_argument("--root", help="the processed VTAB-1k root to check")
     s.add_argument("--datasets", nargs="+", help="default: all 19")
     s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
+    s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat"],
+                   help="build mode (peft_core/vtab_build.py): tfds = a TFDS prepared directory (the official "
+                        "VTAB-1k images); cifar-binary / svhn-mat = the original archives (VTAB-1k-style splits)")  # fmt: skip
+    s.add_argument("--source", help="build mode: the TFDS data_dir (or version folder), or the extracted archive")
+    s.add_argument("--dataset", help="build mode: the VTAB-1k data set to write (cifar100, clevr_count, ...)")
+    s.add_argument("--out", help="build mode: writes <out>/<dataset>/ (split files, images, manifest.json), then checks it")
+    s.add_argument("--image-encoding", default="png", choices=["png", "source"],
+                   help="build mode: png = decoded pixels as PNG (default); source = each TFDS record's own "
+                        "encoded bytes, unchanged (tfds only; far smaller for the JPEG sets)")  # fmt: skip
     s.set_defaults(fn=cmd_prepare_vtab)
 
     s = sub.add_parser("prepare-manyshot", help="many-shot subsets by training-set size (stratified, nested, seeded)")

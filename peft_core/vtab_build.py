@@ -1,0 +1,348 @@
+"""Build a processed VTAB-1k data set from raw sources (``peft-core prepare-vtab --source-format ...``).
+
+Writes ``<out>/<dataset>/{train800,val200,train800val200,test}.txt`` (lines
+``images/<TFDS split>/<record index>.png label``), the images beside them and
+``manifest.json``, from one of:
+
+- ``tfds``: a TFDS prepared directory, ``<data_dir>/<builder>/<version>/`` with
+  ``dataset_info.json`` and ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` shards
+  (``--source`` is the data_dir or the version folder itself), read without
+  TensorFlow (peft_core/tfrecord.py). A record's index is its position in shard
+  order, then record order within its shard: the index TFDS slices select by
+  (its file instructions count records over ``shardLengths``). TFDS may iterate
+  a slice interleaved across shards, which changes the order of the lines, not
+  which images a split holds. **These are the official VTAB-1k images**, given the
+  TFDS version the reference code names (peft_core/vtab_splits.py; the manifest
+  records the version found).
+- ``cifar-binary`` (cifar100 only): the ``cifar-100-binary`` archive's ``train.bin``
+  / ``test.bin``, records of 1 coarse + 1 fine label byte + 3072 pixel bytes
+  (R, G, B planes of 32x32), read as bytes (no pickle).
+- ``svhn-mat`` (svhn only): the cropped digits ``train_32x32.mat`` / ``test_32x32.mat``
+  (``X`` of shape 32x32x3xN, ``y`` with 10 meaning the digit 0), read with scipy.
+
+The archives are in their distribution order, which is not TFDS's order (TFDS
+shuffles records when it prepares a data set), so the archive formats give
+VTAB-1k-*style* splits (the same slices over another order: other images), not
+the official ones; the manifest says so (``official: false``).
+
+Images are stored at their native size (no resize: the cache step resizes),
+as PNG written by Pillow with fixed options and no metadata, so the same inputs
+give byte-identical files with the same Pillow and zlib; ``pixels_sha256`` in
+the manifest hashes the decoded pixels of each split, independent of the PNG
+encoder. ``image_encoding="source"`` (tfds only) instead stores each record's
+own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
+far smaller for the JPEG sets (sun397, retinopathy), and the pixels are those
+of the official records as any decoder reads them; ``pixels_sha256`` then
+hashes those bytes. Grayscale stays grayscale (the cache step converts to RGB, as the
+reference preprocess tiles the channel); dsprites' 0/1 pixels are multiplied by
+255 as the reference preprocess does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .manyshot import write_atomic
+from .tfrecord import count_records, parse_example, read_records
+from .vtab import SPLITS
+from .vtab_splits import SPLIT_NAMES, TASK_ADAPTATION_COMMIT, TASK_ADAPTATION_REPO, TASKS, VtabTask
+from .vtab_splits import resolve_split, resolved_slices, task_label
+
+FORMAT = "peft-core vtab build v1"
+SOURCE_FORMATS = ("tfds", "cifar-binary", "svhn-mat")
+PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
+IMAGE_ENCODINGS = ("png", "source")
+# an example: index within its TFDS split, pixels (H x W or H x W x 3 uint8) or encoded bytes, label
+Reader = Callable[[str, list[int]], Iterator[tuple[int, "np.ndarray | bytes", int]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    counts: dict[str, int]  # TFDS split name -> number of records
+    read: Reader  # (split, sorted indices) -> examples in index order
+    official: bool
+    record: dict  # what the manifest says about the source
+
+
+def _sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decode(data: bytes, scale: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("L" if img.mode in ("1", "LA", "I", "I;16") else "RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return arr * np.uint8(scale) if scale != 1 else arr
+
+
+# ---------------------------------------------------------------- tfds
+
+
+def _version_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else -1 for p in name.split("."))
+
+
+def find_tfds_dir(data_dir: Path, task: VtabTask) -> Path:
+    """``<data_dir>/<builder>/<highest version matching the reference pattern>``, or ``data_dir`` itself."""
+    if (data_dir / "dataset_info.json").is_file():
+        return data_dir
+    base = data_dir / task.tfds_name
+    versions = sorted((p for p in base.glob("*") if p.is_dir() and fnmatch.fnmatch(p.name, task.tfds_version)),
+                      key=lambda p: _version_key(p.name))  # fmt: skip
+    if not versions:
+        raise InputError(f"{base}: no TFDS version folder matching {task.tfds_version} (the reference code's pin)")
+    return versions[-1]
+
+
+def _split_counts(info: dict, folder: Path) -> dict[str, list[int]]:
+    """TFDS split name -> shard lengths: counted, and checked against dataset_info.json's shardLengths."""
+    out = {}
+    for split in info.get("splits", []):
+        name = split["name"]
+        shards = _shards(folder, name)
+        declared = [int(n) for n in split.get("shardLengths", [])]
+        if declared and len(declared) != len(shards):
+            raise InputError(f"{folder}: split {name!r} has {len(shards)} shard files, "
+                             f"dataset_info.json says {len(declared)}")  # fmt: skip
+        lengths = [count_records(s) for s in shards]  # headers only: the indices must be exact
+        if declared and declared != lengths:
+            bad = next(i for i, (d, n) in enumerate(zip(declared, lengths, strict=True)) if d != n)
+            raise InputError(f"{shards[bad]}: {lengths[bad]} records, dataset_info.json says {declared[bad]}")
+        out[name] = lengths
+    return out
+
+
+def _shards(folder: Path, split: str) -> list[Path]:
+    files = sorted(folder.glob(f"*-{split}.tfrecord-*-of-*"), key=lambda p: p.name)
+    if not files:
+        raise InputError(f"{folder}: no {split} TFRecord shards (*-{split}.tfrecord-XXXXX-of-YYYYY)")
+    return files
+
+
+def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
+    folder = find_tfds_dir(path, task)
+    info_path = folder / "dataset_info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{info_path}: unreadable dataset_info.json ({err})") from None
+    if info.get("fileFormat", "tfrecord") != "tfrecord":
+        raise InputError(f"{info_path}: file format {info['fileFormat']!r}; only tfrecord shards are read")
+    shard_lengths = _split_counts(info, folder)
+
+    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray | bytes, int]]:
+        offset, pending = 0, list(indices)
+        for shard, n in zip(_shards(folder, split), shard_lengths[split], strict=True):
+            local = [i - offset for i in pending if offset <= i < offset + n]
+            for j, data in read_records(shard, local):
+                features = parse_example(data)
+                if "image" not in features or len(features["image"]) != 1:
+                    raise InputError(f"{shard}: record {j} has no single 'image' feature")
+                image = features["image"][0]
+                try:
+                    label = task_label(task, features)
+                except (KeyError, ValueError) as err:
+                    raise InputError(f"{shard}: record {j}: no {task.label} label ({err}); another data set?") from None
+                yield offset + j, image if keep_encoded else _decode(image, task.image_scale), label
+            offset += n
+
+    record = {"tfds_dir": str(folder), "tfds_name": task.tfds_name, "tfds_version": folder.name,
+              "dataset_info_sha256": _sha_file(info_path),
+              "shards": {s: [p.name for p in _shards(folder, s)] for s in shard_lengths}}  # fmt: skip
+    return Source({s: sum(v) for s, v in shard_lengths.items()}, read, True, record)
+
+
+# ---------------------------------------------------------------- original archives
+
+CIFAR_RECORD = 2 + 3072
+
+
+def _find(path: Path, names: tuple[str, ...], sub: str) -> dict[str, Path]:
+    folder = path / sub if (path / sub).is_dir() else path
+    files = {n: folder / n for n in names}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: not found (the extracted {sub} archive)")
+    return files
+
+
+def cifar_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
+    files = _find(path, ("train.bin", "test.bin"), "cifar-100-binary")
+    counts = {}
+    for split, f in (("train", files["train.bin"]), ("test", files["test.bin"])):
+        size = f.stat().st_size
+        if size % CIFAR_RECORD:
+            raise InputError(f"{f}: {size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-100 records")
+        counts[split] = size // CIFAR_RECORD
+
+    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
+        with open(files[f"{split}.bin"], "rb") as f:
+            for i in indices:
+                f.seek(i * CIFAR_RECORD)
+                rec = f.read(CIFAR_RECORD)
+                pixels = np.frombuffer(rec[2:], dtype=np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+                yield i, np.ascontiguousarray(pixels), rec[1]  # rec[0]: coarse label, rec[1]: fine label
+
+    return Source(counts, read, False, {"files": {n: _sha_file(p) for n, p in files.items()}})
+
+
+def svhn_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
+    from scipy.io import loadmat
+
+    files = _find(path, ("train_32x32.mat", "test_32x32.mat"), "svhn")
+    data = {}
+    for split in ("train", "test"):
+        mat = loadmat(files[f"{split}_32x32.mat"])
+        x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
+        if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+            raise InputError(f"{files[f'{split}_32x32.mat']}: X {x.shape} / y {y.shape} are not SVHN's 32x32x3xN / N")
+        data[split] = (x, np.where(y == 10, 0, y).astype(np.int64))  # label 10 is the digit 0
+
+    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
+        x, y = data[split]
+        for i in indices:
+            yield i, np.ascontiguousarray(x[:, :, :, i].astype(np.uint8)), int(y[i])
+
+    counts = {s: len(y) for s, (_, y) in data.items()}
+    return Source(counts, read, False, {"files": {n: _sha_file(p) for n, p in files.items()}})
+
+
+OPENERS = {"tfds": tfds_source, "cifar-binary": cifar_source, "svhn-mat": svhn_source}
+ARCHIVE_DATASETS = {"cifar-binary": "cifar100", "svhn-mat": "svhn"}
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(tmp, **PNG_OPTIONS)  # a fresh image: no info, no metadata chunks
+    os.replace(tmp, path)
+
+
+def _suffix(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return ".png"
+    if data.startswith(b"\xff\xd8"):
+        return ".jpg"
+    raise InputError(f"encoded image is neither PNG nor JPEG (starts {data[:4]!r}): use --image-encoding png")
+
+
+def _store(folder: Path, stem: str, image: np.ndarray | bytes) -> tuple[str, bytes]:
+    """Write one image; returns its path relative to ``folder`` and its digest for ``pixels_sha256``."""
+    if isinstance(image, bytes):
+        rel = stem + _suffix(image)
+        tmp = folder / f"{rel}.tmp"
+        tmp.write_bytes(image)
+        os.replace(tmp, folder / rel)
+        return rel, hashlib.sha256(image).digest()
+    _write_png(folder / f"{stem}.png", image)
+    return f"{stem}.png", hashlib.sha256(f"{image.shape}\n".encode() + image.tobytes()).digest()
+
+
+def build(source_format: str, source: str | Path, dataset: str, out: str | Path, image_encoding: str = "png") -> Path:
+    """Write ``<out>/<dataset>/`` (split files, images, manifest.json); returns that folder."""
+    if source_format not in OPENERS:
+        raise InputError(f"--source-format: {source_format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+    if dataset not in TASKS:
+        raise InputError(f"--dataset: {dataset!r} is not a VTAB-1k data set ({', '.join(TASKS)})")
+    only = ARCHIVE_DATASETS.get(source_format)
+    if only and dataset != only:
+        raise InputError(f"--source-format {source_format} holds {only} only, not {dataset}")
+    if image_encoding not in IMAGE_ENCODINGS:
+        raise InputError(f"--image-encoding: {image_encoding!r} is not one of {', '.join(IMAGE_ENCODINGS)}")
+    task = TASKS[dataset]
+    keep = image_encoding == "source"
+    if keep and (source_format != "tfds" or task.image_scale != 1):
+        why = "the archives hold raw pixels" if source_format != "tfds" else f"{dataset}'s pixels are rescaled"
+        raise InputError(f"--image-encoding source: not for {source_format} / {dataset} ({why}); use png")
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"--source {source}: not found")
+    src = OPENERS[source_format](source, task, keep)
+    try:
+        slices = resolved_slices(task, src.counts)
+        parts = {split: resolve_split(slices[split], src.counts) for split in SPLIT_NAMES}
+    except KeyError as err:
+        raise InputError(f"{source}: {err.args[0]}") from None
+    for split in ("train800", "val200", "train800val200"):
+        got = sum(len(r) for _, r in parts[split])
+        if got != SPLITS[split]:
+            raise InputError(f"{source}: {split} = {slices[split]} has {got} images (counts {src.counts})")
+    folder = Path(out) / dataset
+    wanted: dict[str, set[int]] = {}
+    for split_parts in parts.values():
+        for name, r in split_parts:
+            wanted.setdefault(name, set()).update(r)
+    stored: dict[tuple[str, int], tuple[str, bytes, int]] = {}  # (split, index) -> (path, digest, label)
+    for name in sorted(wanted):
+        (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+        for i, image, label in src.read(name, sorted(wanted[name])):
+            if not 0 <= label < task.num_classes:
+                raise InputError(f"{source}: {name} record {i}: label {label} outside 0..{task.num_classes - 1}")
+            stored[name, i] = (*_store(folder, f"images/{name}/{i:06d}", image), label)
+    texts, pixel_sha = {}, {}
+    for split, split_parts in parts.items():
+        keys = [(name, i) for name, r in split_parts for i in r]
+        missing = [k for k in keys if k not in stored]
+        if missing:
+            raise InputError(f"{source}: {len(missing)} records of {split} were not found, e.g. {missing[0]}")
+        texts[split] = "".join(f"{stored[k][0]} {stored[k][2]}\n" for k in keys)
+        pixel_sha[split] = hashlib.sha256(b"".join(stored[k][1] for k in keys)).hexdigest()
+    for split, text in texts.items():
+        write_atomic(folder / f"{split}.txt", text)
+    manifest = _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep)
+    write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return folder
+
+
+def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep) -> dict:
+    import PIL
+
+    order = ("TFDS record order (shards in order, records in order): the official VTAB-1k images"
+             if src.official else
+             "archive order, not TFDS's: VTAB-1k-style splits (the official slices over another order), "
+             "not the official images")  # fmt: skip
+    return {
+        "format": FORMAT,
+        "dataset": dataset,
+        "num_classes": task.num_classes,
+        "source_format": source_format,
+        "source": src.record,
+        "official": src.official,
+        "order": order,
+        "source_counts": src.counts,  # records per TFDS split (or archive file)
+        "splits": {s: {"slice": slices[s], "images": texts[s].count("\n")} for s in SPLIT_NAMES},
+        "labels": f"{task.label} (task_adaptation/data/{task.source})",
+        "task_adaptation": {"repo": TASK_ADAPTATION_REPO, "commit": TASK_ADAPTATION_COMMIT,
+                            "file": f"task_adaptation/data/{task.source.split(' ')[0]}"},  # fmt: skip
+        "image_encoding": "source: each TFDS record's encoded image bytes, unchanged" if keep else
+                          f"PNG (Pillow {PIL.__version__}, compress_level=6, no metadata); grayscale kept as L",
+        "pixels_sha256_of": "the stored encoded bytes" if keep else "the decoded pixels (shape + bytes)",
+        "pixel_transform": "none" if task.image_scale == 1 else f"x{task.image_scale} (0/1 pixels, as the reference preprocess)",
+        "resize": "none: images stored at their native size (the cache step resizes)",
+        "files": {f"{s}.txt": hashlib.sha256(t.encode()).hexdigest() for s, t in texts.items()},
+        "pixels_sha256": pixel_sha,
+    }
