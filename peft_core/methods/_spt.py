@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from ._common import freeze_all
-from ._registry import HParams
+from ._registry import HParams, Prestep
 from ._targets import transformer_blocks
 
 FROZEN, STRUCTURED, SPARSE = 0, 1, 2
@@ -275,3 +275,18 @@ def merge(model: nn.Module) -> nn.Module:
     for path, mod in [(p, m) for p, m in model.named_modules() if isinstance(m, SPTModule)]:
         model.set_submodule(path, mod.merged())
     return model
+
+
+DEVIATIONS = (
+    "sensitivities are taken in eval mode (no dropout or drop-path), so the allocation is deterministic",
+    "q, k and v are the thirds of timm's fused attn.qkv (the authors split the checkpoint into three linears); same units, same counts",
+)
+
+
+def prestep(kind: str) -> Prestep:
+    """SPT's data-dependent step for one structured kind: sensitivities on the training split -> allocation."""
+    return Prestep(
+        compute=lambda model, hp, data: allocate(model, sensitivity(model, hp, data), hp, kind),
+        key=lambda hp: hp.model_dump(mode="json"),
+        placeholder=lambda model, hp: placeholder(model, hp, kind),
+    )

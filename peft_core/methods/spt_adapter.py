@@ -23,7 +23,7 @@ Deviations from the reference code (``METHOD.deviations``, docs/deviations.md):
 from __future__ import annotations
 
 from . import _spt
-from ._registry import Prestep, register_method
+from ._registry import register_method
 
 
 class SPTAdapterHP(_spt.SPTHP):
@@ -31,34 +31,11 @@ class SPTAdapterHP(_spt.SPTHP):
 
 
 KIND = "adapter"
-
-
-def compute(model, hp, data):
-    return _spt.allocate(model, _spt.sensitivity(model, hp, data), hp, KIND)
-
-
-def placeholder(model, hp):
-    return _spt.placeholder(model, hp, KIND)
-
-
-def prestep_key(hp) -> dict:
-    return hp.model_dump(mode="json")
+DEVIATIONS = _spt.DEVIATIONS
 
 
 def apply(model, hp, state=None):
-    return _spt.build(model, hp, placeholder(model, hp) if state is None else state, KIND)
+    return _spt.build(model, hp, _spt.placeholder(model, hp, KIND) if state is None else state, KIND)
 
 
-DEVIATIONS = (
-    "sensitivities are taken in eval mode (no dropout or drop-path), so the allocation is deterministic",
-    "q, k and v are the thirds of timm's fused attn.qkv (the authors split the checkpoint into three linears); same units, same counts",
-)
-
-METHOD = register_method(
-    "spt_adapter",
-    SPTAdapterHP,
-    apply,
-    None,
-    deviations=DEVIATIONS,
-    prestep=Prestep(compute=compute, key=prestep_key, placeholder=placeholder),
-)
+METHOD = register_method("spt_adapter", SPTAdapterHP, apply, None, deviations=DEVIATIONS, prestep=_spt.prestep(KIND))
