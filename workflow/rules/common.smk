@@ -14,7 +14,12 @@ from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
 from peft_core.prestep import prestep_spec
 from peft_core.server import Background
-from peft_core.slurm_guard import TARGETS_ENV, missing_line, missing_targets, write_targets
+from peft_core.slurm_guard import (
+    TARGETS_ENV,
+    missing_line,
+    missing_targets,
+    write_targets,
+)
 
 if not config:
     raise WorkflowError(
@@ -328,7 +333,8 @@ def record_targets():
 
 def check_targets():
     """No false success: Snakemake can end with status 0 and jobs never run (a deadlocked DAG,
-    --keep-going). Without slurm-run (which reports it itself), fail with the missing targets."""
+    --keep-going). Without slurm-run (which reports it itself), fail with the missing targets.
+    """
     if os.environ.get(TARGETS_ENV):
         return
     missing = missing_targets(requested_targets())
