@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -162,8 +161,11 @@ def missing_line(missing: list[str], limit: int = 5, prefix: str = "slurm-run") 
 # ----------------------------------------------------------------- arguments
 
 
-def _option_values(argv: list[str], names: tuple[str, ...]) -> tuple[list[str], list[str] | None]:
-    """argv without the (last) option ``names`` and its values (``--opt a b`` or ``--opt=a``); None if absent."""
+def _option_values(
+    argv: list[str], names: tuple[str, ...], nargs: int | None = None
+) -> tuple[list[str], list[str] | None]:
+    """argv without the (last) option ``names`` and its values (``--opt a b`` or ``--opt=a``; at most
+    ``nargs`` values, default all up to the next option); None if absent."""
     out, values, i = [], None, 0
     while i < len(argv):
         arg = argv[i]
@@ -172,6 +174,8 @@ def _option_values(argv: list[str], names: tuple[str, ...]) -> tuple[list[str], 
             values = [val] if eq else []
             i += 1
             while not eq and i < len(argv) and not argv[i].startswith("-"):
+                if nargs is not None and len(values) >= nargs:
+                    break
                 values.append(argv[i])
                 i += 1
             continue
@@ -281,7 +285,7 @@ def run(argv: list[str], poll_seconds: float = 20, stop_seconds: float = 60, pre
     """Run Snakemake (``snakemake``: the command, default this Python's ``-m snakemake``) with the SLURM
     profile under the pre-flight, the watchdog and the target check."""
     env = dict(os.environ)
-    rest, prof = _option_values(argv, ("--profile",))
+    rest, prof = _option_values(argv, ("--profile",), nargs=1)
     profile = Path(prof[0] if prof else "profiles/slurm")
     argv = [*rest, "--profile", str(profile)]
     if preflight_on:
@@ -328,8 +332,12 @@ def run(argv: list[str], poll_seconds: float = 20, stop_seconds: float = 60, pre
 def _watch(proc: subprocess.Popen, found: dict, poll_seconds: float) -> list[dict[str, str]]:
     """Poll squeue until Snakemake ends (-> []) or a job is stuck (-> those jobs)."""
     dog = Watchdog()
-    while proc.poll() is None:
-        time.sleep(poll_seconds)
+    while True:
+        try:
+            proc.wait(timeout=poll_seconds)
+            return []
+        except subprocess.TimeoutExpired:
+            pass
         if "run_id" not in found:
             continue
         try:
@@ -342,7 +350,6 @@ def _watch(proc: subprocess.Popen, found: dict, poll_seconds: float) -> list[dic
             print(notice_line(row), file=sys.stderr)
         if stuck:
             return stuck
-    return []
 
 
 def _stop(proc: subprocess.Popen, run_id: str, cmd: list[str], env: dict, stop_seconds: float) -> None:

@@ -112,6 +112,7 @@ def test_option_parsing_keeps_everything_else(tmp_path):
     argv = ["--configfile", "c.yaml", "--resources", "cpus_per_task=4", "mem_mb=8000", "-n", "--res=gpu=1"]
     rest, values = slurm_guard._option_values(argv, ("--resources", "--res"))
     assert rest == ["--configfile", "c.yaml", "-n"] and values == ["gpu=1"]  # the last one wins, as in argparse
+    assert slurm_guard._option_values(["--profile", "p", "all"], ("--profile",), nargs=1) == (["all"], ["p"])
     assert slurm_guard.wanted_partition(["--default-resources", "mem_mb=1", "slurm_partition=gpu"], {}) == "gpu"
     assert slurm_guard.wanted_partition([], {"SBATCH_PARTITION": "ci"}) == "ci"
     (tmp_path / "config.v8+.yaml").write_text("resources:\n  cpus_per_task: 8\n  mem_mb: 32000\n")
