@@ -710,6 +710,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
     s.set_defaults(fn=cmd_serve)
 
+    s = sub.add_parser(
+        "slurm-run",
+        help="snakemake --profile profiles/slurm with a pre-flight, a watchdog and a target check",
+        description="peft-core slurm-run [--poll-seconds S] [--stop-seconds S] [--no-preflight] [--] <snakemake args>: "
+        "fits the group caps to the partition's nodes, ends the run when a job is PENDING for a reason waiting "
+        "cannot resolve, and fails when a requested target is missing at the end (peft_core/slurm_guard.py).",
+    )
+    s.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="slurm-run's options, then Snakemake's")
+    s.set_defaults(fn=cmd_slurm_run)
+
     s = sub.add_parser("methods", help="list the registered methods")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(fn=cmd_methods)
@@ -778,8 +788,23 @@ def cmd_serve(a) -> int:
 FORWARDED = {"train", "train-pack", "prestep", "features", "robustness"}
 
 
+def cmd_slurm_run(a) -> int:
+    from .slurm_guard import main as slurm_run
+
+    return slurm_run(a.snakemake_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slurm-run"] and "-h" not in argv[1:2] and "--help" not in argv[1:2]:
+        # Snakemake's own options pass through untouched (argparse would refuse them as unknown)
+        from .slurm_guard import main as slurm_run
+
+        try:
+            return slurm_run(argv[1:])
+        except ValueError as err:
+            print(f"peft-core slurm-run: error: {err}", file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     if args.cmd in FORWARDED:
         from .server import forward

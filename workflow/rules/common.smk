@@ -16,6 +16,12 @@ from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
 from peft_core.prestep import prestep_spec
 from peft_core.server import Background
+from peft_core.slurm_guard import (
+    TARGETS_ENV,
+    missing_line,
+    missing_targets,
+    write_targets,
+)
 
 if not config:
     raise WorkflowError(
@@ -366,3 +372,31 @@ def stop_fork_server():
 
 
 FORK_SERVER = {}
+
+
+def requested_targets():
+    """The files this run was asked for: rule all's inputs, or the outputs of the jobs named as targets
+    (explicit files or rules, --until)."""
+    dag = workflow.dag
+    files = {str(f) for f in dag.targetfiles}
+    for job in dag.targetjobs:
+        files.update(str(f) for f in (job.output or job.input))
+    return sorted(files)
+
+
+def record_targets():
+    """Under `peft-core slurm-run`: hand it the requested targets; it checks them whatever way Snakemake ends."""
+    path = os.environ.get(TARGETS_ENV)
+    if path:
+        write_targets(path, requested_targets())
+
+
+def check_targets():
+    """No false success: Snakemake can end with status 0 and jobs never run (a deadlocked DAG,
+    --keep-going). Without slurm-run (which reports it itself), fail with the missing targets.
+    """
+    if os.environ.get(TARGETS_ENV):
+        return
+    missing = missing_targets(requested_targets())
+    if missing:
+        raise WorkflowError(missing_line(missing, prefix="snakemake"))
