@@ -150,32 +150,34 @@ class CachedHead(nn.Module):
     timm's ViT gives its head ``x[:, 0]``, a view with a row stride of tokens x width;
     kernels such as BatchNorm's reduce in another order on a contiguous copy, so the
     cached rows are copied into a view of the same strides first (``layout``: row
-    stride and storage offset of the head's input; None where it was contiguous).
+    stride and storage offset of the head's input; None where it was contiguous),
+    in the dtype the head got (``dtype``: bf16 under autocast where the backbone's last
+    op gives bf16; the file stores float32, which holds a bf16 value exactly).
     """
 
-    def __init__(self, head: nn.Module, layout: tuple[int, int] | None):
+    def __init__(self, head: nn.Module, layout: tuple[int, int] | None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.head, self.layout = head, layout
+        self.head, self.layout, self.dtype = head, layout, dtype
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.to(self.dtype)
         if self.layout is not None:
             stride, offset = self.layout
             rows, width = f.shape
-            view = f.new_empty(offset + max(rows - 1, 0) * stride + width).as_strided((rows, width), (stride, 1), offset)
-            f = view.copy_(f)
+            buffer = f.new_empty(offset + max(rows - 1, 0) * stride + width)
+            f = buffer.as_strided((rows, width), (stride, 1), offset).copy_(f)
         return self.head(f)
 
 
-def _layout(t: torch.Tensor) -> tuple[int, int] | None:
-    if t.dim() != 2 or t.is_contiguous() or t.stride(1) != 1:
-        return None
-    return t.stride(0), t.storage_offset()
+def _layout(t: torch.Tensor) -> dict[str, Any]:
+    """How the head's input lies in memory (:class:`CachedHead`): strides, offset, dtype."""
+    strided = t.dim() == 2 and not t.is_contiguous() and t.stride(1) == 1
+    layout = [t.stride(0), t.storage_offset()] if strided else None
+    return {"layout": layout, "dtype": str(t.dtype).removeprefix("torch.")}
 
 
 @torch.inference_mode()
-def head_inputs(
-    model: nn.Module, images: torch.Tensor, normalize: str, precision: str
-) -> tuple[torch.Tensor, tuple[int, int] | None]:
+def head_inputs(model: nn.Module, images: torch.Tensor, normalize: str, precision: str) -> tuple[torch.Tensor, dict]:
     """The classification head's input for every image (eval mode), as float32 on the CPU,
     and its memory layout (:class:`CachedHead`)."""
     from .data import to_float
@@ -193,9 +195,8 @@ def head_inputs(
                 model(to_float(images[start : start + batch], normalize))
     finally:
         handle.remove()
-    # a bf16 head input is exactly a float32 one: the head casts it back under the same autocast
     if not seen:
-        return torch.zeros(0, 0), None
+        return torch.zeros(0, 0), {"layout": None, "dtype": "float32"}
     return torch.cat([t.float().cpu() for t in seen]), _layout(seen[0])
 
 
@@ -228,7 +229,7 @@ def extract(
     b = fspec.backbone
     model = backbones.build(b.model, checkpoint, 1, 0.0, b.kwargs).to(dev)
     feats, layout = head_inputs(model, split.images, fspec.normalize, fspec.precision)
-    meta = {"spec": fspec.canonical_json(), "content_key": key, "layout": layout}
+    meta = {"spec": fspec.canonical_json(), "content_key": key, **layout}
     write_safetensors(out, {"features": feats.contiguous(), "labels": split.labels.cpu().contiguous()},
                       metadata={_META: json.dumps(meta, sort_keys=True)})  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -250,8 +251,11 @@ def read_features(path: str | Path) -> tuple[FeatureSpec, dict, torch.Tensor, to
         fspec = FeatureSpec.model_validate_json(meta["spec"])
         if feats.dim() != 2 or labels.shape != (feats.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(f"features {tuple(feats.shape)}, labels {tuple(labels.shape)} {labels.dtype}")
-        layout = meta["layout"]
-        meta = {"content_key": str(meta["content_key"]), "layout": tuple(map(int, layout)) if layout else None}
+        layout, dtype = meta["layout"], getattr(torch, meta["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {meta['dtype']!r}")
+        layout = (int(layout[0]), int(layout[1])) if layout else None
+        meta = {"content_key": str(meta["content_key"]), "layout": layout, "dtype": dtype}
         return fspec, meta, feats, labels
     except Exception as err:  # corrupt or truncated file, not safetensors, no or bad metadata
         text = " ".join(str(err).split())[:200]
@@ -259,7 +263,7 @@ def read_features(path: str | Path) -> tuple[FeatureSpec, dict, torch.Tensor, to
 
 
 def load_for_cell(path: str | Path, fspec: FeatureSpec, key: str, device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """The features, labels and layout at ``path``, checked to be those of ``fspec`` with content ``key``."""
+    """The features, labels and (layout, dtype) at ``path``, checked to be those of ``fspec`` with content ``key``."""
     got, meta, feats, labels = read_features(path)
     if got != fspec:
         raise InputError(f"{path}: features of {got.dataset}/{got.split} ({got.key}), not of {fspec.dataset}/"
@@ -267,7 +271,7 @@ def load_for_cell(path: str | Path, fspec: FeatureSpec, key: str, device) -> tup
     if meta["content_key"] != key:
         raise InputError(f"{path}: stale feature cache (made from other data, checkpoint or code); "
                          "rerun its extract_features job")  # fmt: skip
-    return feats.to(device), labels.to(device), meta["layout"]
+    return feats.to(device), labels.to(device), (meta["layout"], meta["dtype"])
 
 
 def record(train: str | Path, eval_: str | Path) -> dict[str, dict[str, str]]:
@@ -301,4 +305,4 @@ def cell_splits(spec: CellSpec, model: nn.Module, features, train_data, eval_dat
     if layouts[0] != layouts[1]:
         raise InputError(f"{features[1]}: head input layout {layouts[1]}, but {layouts[0]} in {features[0]}")
     log(f"training the head on cached features {features[0]} ({tuple(splits[0].images.shape)}), {features[1]}")
-    return splits[0], splits[1], CachedHead(classifier(model), layouts[0])
+    return splits[0], splits[1], CachedHead(classifier(model), *layouts[0])

@@ -112,10 +112,12 @@ def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
         why.append("checkpoint changed")
     if "prestep" in current and (recorded.get("prestep") or {}).get("sha256") != current["prestep"]["sha256"]:
         why.append("prestep result changed")
-    # features with other bytes retrain; a cell trained on the images (no record), or now
-    # given none (the cache turned off), has the result of either path and is kept
+    # features with other bytes retrain, said only when no change above explains them (a
+    # changed split or checkpoint changes the features too); a cell trained on the images
+    # (no record), or now given none (the cache turned off), has the result of either path
     old, new = recorded.get("features") or {}, current.get("features") or {}
-    for role in set(old) & set(new):
-        if old[role].get("sha256") != new[role]["sha256"]:
+    explained = bool(why)
+    for role in ("train", "eval"):
+        if role in old and role in new and old[role].get("sha256") != new[role]["sha256"] and not explained:
             why.append(f"{current[role]['split']} features changed")
     return why

@@ -1,7 +1,8 @@
 """Cached frozen features for the linear probe (peft_core/features.py).
 
 The head trained on cached features is the head trained on the images, bit for
-bit, on CPU in fp32: same weights, logits, losses and accuracy. The cache's
+bit, on CPU in fp32 (and under CPU bf16 autocast): same weights, logits, losses
+and accuracy. The cache's
 content key follows the split's content and the checkpoint's bytes; a cell
 refuses a stale or corrupt file in one line naming it.
 """
@@ -65,8 +66,9 @@ def _run(cell, out, features=None):
 
 @pytest.mark.parametrize(
     "cell",
-    [_linear("none"), _linear("batchnorm"), _linear("none", schedule="reference_epoch", warmup_epochs=1, epochs=3)],
-    ids=["plain-head", "batchnorm-head", "reference-schedule"],
+    [_linear("none"), _linear("batchnorm"), _linear("none", schedule="reference_epoch", warmup_epochs=1, epochs=3),
+     _linear("batchnorm", precision="bf16")],  # fmt: skip
+    ids=["plain-head", "batchnorm-head", "reference-schedule", "bf16-autocast"],
 )
 def test_head_on_cached_features_equals_head_on_images(toy, cell):
     features = _extract(cell)
