@@ -103,12 +103,23 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
     return row
 
 
+def uniform_hparams(frame: pd.DataFrame) -> pd.DataFrame:
+    """``hp_<name>`` columns with one type: where methods share a name with different types
+    (LAST's ``heads: 1``, HST's ``heads: [1, 2]``), every value is written as JSON text."""
+    for col in [c for c in frame.columns if c.startswith("hp_")]:
+        kinds = {type(v) for v in frame[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if str in kinds and len(kinds) > 1:
+            frame[col] = [v if v is None or isinstance(v, str) or (isinstance(v, float) and math.isnan(v))
+                          else json.dumps(v) for v in frame[col]]  # fmt: skip
+    return frame
+
+
 def aggregate_dataset(
     study: str, group: str, final_eval: str, cell_dirs: list[Path], selections: list[Path], out: Path
 ) -> pd.DataFrame:
     """One row per cell of one data set; ``selected`` marks the chosen tuning cells."""
     chosen = {read_json(p)["chosen"] for p in selections}
-    frame = pd.DataFrame([cell_row(Path(d), study, group, final_eval, chosen) for d in cell_dirs])
+    frame = uniform_hparams(pd.DataFrame([cell_row(Path(d), study, group, final_eval, chosen) for d in cell_dirs]))
     write_parquet(out, frame)
     return frame
 
@@ -406,7 +417,7 @@ def build_report(study: Study, tables: list[Path], out_dir: Path, results_root: 
     """results.parquet, summary.{csv,md}, the paper files (:mod:`peft_core.paper`) and index.html.
     ``results_root`` (``results/<study>``): where the final runs' predictions are (for the
     confidence intervals and paired tests) and where the previous results table is kept."""
-    results = pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
+    results = uniform_hparams(pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True))
     out_dir.mkdir(parents=True, exist_ok=True)
     per = final_table(results, study)
     write_parquet(out_dir / "results.parquet", results_table(results, per))

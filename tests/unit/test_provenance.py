@@ -53,3 +53,14 @@ def test_mixed_manifests_checkpoints_and_unrecorded_rows_are_warned():
     assert any("2 different backbone checkpoints" in w for w in warnings)
     assert any(w == "a: final rows from 2 different eval data manifests" for w in warnings)
     assert any("1 final rows carry no data-source record" in w for w in warnings)
+
+
+def test_hparams_shared_by_name_with_other_types_still_write_parquet(tmp_path):
+    """LAST's `heads: 1` beside HST's `heads: [1, 2]` in one results table (found on the demo)."""
+    from peft_core.report import uniform_hparams
+    from peft_core.results import write_parquet
+
+    frame = uniform_hparams(pd.DataFrame({"hp_heads": [1, "[1, 2]", None], "hp_rank": [2, 4, None]}))
+    write_parquet(tmp_path / "t.parquet", frame)
+    back = pd.read_parquet(tmp_path / "t.parquet")
+    assert list(back.hp_heads[:2]) == ["1", "[1, 2]"] and back.hp_heads.isna()[2] and back.hp_rank.tolist()[:2] == [2, 4]
