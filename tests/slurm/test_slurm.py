@@ -239,8 +239,9 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
         assert row["Account"] == ACCOUNT, row
         assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
         gpus = re.search(r"gres/gpu=(\d+)", row["AllocTRES"])
-        if _is_training(submitted[jobid]) or submitted[jobid] == "rule_robustness":
-            assert gpus and int(gpus.group(1)) >= 1, row  # from compute.train.gpu (WiSE-FT evaluation too)
+        if _is_training(submitted[jobid]) or submitted[jobid] in ("rule_robustness", "rule_extract_features"):
+            # from compute.train.gpu (WiSE-FT evaluation and the linear probe's feature extraction too)
+            assert gpus and int(gpus.group(1)) >= 1, row
         else:
             assert gpus is None, row
         # the profile asks for --requeue (the test cluster's JobRequeue=0 would say Requeue=0 otherwise)
