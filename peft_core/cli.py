@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, require_files
+from .preempt import preemption_flag
 
 
 def _study(arg: str):
@@ -157,9 +159,7 @@ def _spec(raw: str):
 
 def _check_inputs(a) -> str | None:
     """Every input file exists (before any training); returns the code checksum, if given."""
-    for path in (a.train_data, a.eval_data, a.checkpoint, a.code_stamp):
-        if path and not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
+    require_files(*(p or None for p in (a.train_data, a.eval_data, a.checkpoint, a.code_stamp)))
     if a.code_stamp:
         from .packs import read_code_stamp
 
@@ -168,8 +168,7 @@ def _check_inputs(a) -> str | None:
 
 
 def cmd_train(a) -> int:
-    if a.spec and not Path(a.spec).is_file():
-        raise InputError(f"{a.spec}: file not found")
+    require_files(a.spec or None)
     spec = _spec(a.spec_json if a.spec_json else Path(a.spec).read_text())
     code = _check_inputs(a)
     from .fingerprint import cell_inputs
@@ -194,8 +193,7 @@ def _final_specs(a) -> list:
     from .config import final_cells
     from .results import read_json
 
-    if not Path(a.selection).is_file():
-        raise InputError(f"{a.selection}: file not found")
+    require_files(a.selection)
     try:
         chosen = read_json(a.selection)["chosen_spec"]
     except (ValueError, KeyError, TypeError):
@@ -348,9 +346,7 @@ def cmd_ensembles(a) -> int:
 
     if not 0.0 < a.confident_q <= 1.0:
         raise InputError(f"--confident-q {a.confident_q}: must be in (0, 1]")
-    for path in [*a.tables, *(a.selections or [])]:
-        if not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
+    require_files(*a.tables, *(a.selections or []))
     results = Path(a.results) if a.results else Path("results") / a.study
     rows = build_ensembles(a.study, [Path(t) for t in a.tables], Path(a.out_dir), results,
                            [Path(s) for s in a.selections or []], a.confident_q)
@@ -370,9 +366,7 @@ def _named_paths(items: list[str], flag: str) -> dict[str, str]:
     if bad:
         raise InputError(f"{flag} {bad[0]!r}: expected NAME=path")
     out = dict(item.split("=", 1) for item in items)
-    for path in out.values():
-        if not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
+    require_files(*out.values())
     return out
 
 
@@ -387,9 +381,7 @@ def cmd_robustness(a) -> int:
     except json.JSONDecodeError as err:
         raise InputError(f"--plan: not JSON ({err})") from None
     caches = _named_paths(a.eval, "--eval")
-    for path in [*a.tables, *(a.selections or [])]:
-        if not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
+    require_files(*a.tables, *(a.selections or []))
     from .train import pick_device
 
     torch.set_num_threads(a.threads)
@@ -403,9 +395,7 @@ def cmd_robustness(a) -> int:
 def cmd_robustness_report(a) -> int:
     from .robustness_report import build_robustness_report
 
-    for path in a.tables:
-        if not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
+    require_files(*a.tables)
     rows = build_robustness_report(a.study, [Path(t) for t in a.tables], Path(a.out_dir))
     print(f"{a.out_dir}: robustness report of {len(rows)} rows")
     return 0
@@ -768,10 +758,9 @@ def cmd_code_stamp(a) -> int:
 
     from .results import write_text
 
+    require_files(*sorted(a.files))
     lines = []
     for path in sorted(a.files):
-        if not Path(path).is_file():
-            raise InputError(f"{path}: file not found")
         lines.append(f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}  {Path(path).name}")
     write_text(a.out, "\n".join(lines) + "\n")
     return 0
@@ -786,6 +775,8 @@ def cmd_serve(a) -> int:
 
 # Commands worth sending to a running fork server (they import torch + timm).
 FORWARDED = {"train", "train-pack", "prestep", "features", "robustness"}
+# The commands that train a cell and save its state when preempted.
+CELL_COMMANDS = {"train", "train-pack"}
 
 
 def cmd_slurm_run(a) -> int:
@@ -812,8 +803,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = forward(argv)
         if rc is not None:
             return rc
+    # a cell command catches the preemption signals from here on (peft_core/preempt.py)
+    catch = preemption_flag() if args.cmd in CELL_COMMANDS else nullcontext()
     try:
-        return args.fn(args)
+        with catch:
+            return args.fn(args)
     except InputError as err:
         print(f"peft-core: error: {err}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .config import BackboneSpec, CellSpec, Strict, cell_hash
-from .errors import InputError
+from .errors import InputError, require_files
 
 _META = "features"
 #: images per forward pass while extracting, per device type (the rows do not depend on it: see
@@ -218,9 +218,7 @@ def extract(
     from .train import pick_device
 
     log = log or (lambda msg: print(msg, flush=True))
-    for p in (data, checkpoint):
-        if p is not None and not Path(p).is_file():
-            raise InputError(f"{p}: file not found")
+    require_files(data, checkpoint)
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     dev = pick_device(device)

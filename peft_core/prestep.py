@@ -27,7 +27,7 @@ import torch
 
 from . import backbones
 from .config import BackboneSpec, CellSpec, Strict, cell_hash
-from .errors import InputError
+from .errors import InputError, require_files
 from .methods import get_method
 from .methods._common import count_trainable
 from .methods._prestep_data import PrestepData
@@ -183,9 +183,7 @@ def run_prestep(
     both = method.prestep.reads == "train+val"
     if both and eval_data is None:
         raise InputError(f"{pspec.method}: its prestep selects on validation data; give --eval-data")
-    for p in [train_data, checkpoint] + ([eval_data] if both else []):
-        if p is not None and not Path(p).is_file():
-            raise InputError(f"{p}: file not found")
+    require_files(train_data, checkpoint, *([eval_data] if both else []))
     hp = method.hparams(**pspec.hparams)
     t0 = time.perf_counter()
     torch.set_num_threads(threads)

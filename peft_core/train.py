@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from .config import CellSpec
 from .errors import InputError
 from .data import load_split, to_float
 from .methods import get_method
+from .preempt import preemption_flag
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
 from .pace import Pace, check_method
@@ -133,30 +132,10 @@ class Outcome:
 
 
 RESUME = "resume.pt"
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Raised after the training state was saved on SIGTERM/SIGUSR1."""
-
-
-@contextmanager
-def preemption_flag():
-    """SIGTERM / SIGUSR1 (SLURM preemption or requeue) set a flag the loop checks at each epoch end.
-
-    Saving at an epoch boundary keeps the resumed run bit-identical on CPU: the
-    data order generator, the global RNG and the optimiser are all at a clean state.
-    """
-    flag = {"hit": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = {s: signal.signal(s, lambda signum, frame: flag.update(hit=True)) for s in PREEMPT_SIGNALS}
-    try:
-        yield flag
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    """Raised after the training state was saved on SIGTERM/SIGUSR1 (peft_core/preempt.py)."""
 
 
 @contextmanager

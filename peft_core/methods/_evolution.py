@@ -17,7 +17,25 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from ._registry import HParams
+
+
+class SearchHP(HParams):
+    """The supernet and evolutionary-search settings NOAH and GLoRA share (AutoFormer's defaults).
+
+    Each method redeclares ``param_limit`` and ``supernet_lr`` with its own paper's defaults."""
+
+    param_limit: float = Field(1.0, gt=0, description="largest candidate the search may choose, M, head excluded")
+    supernet_epochs: int = Field(500, ge=1, description="supernet training epochs on the training split (papers: 500)")
+    supernet_lr: float = Field(1e-4, gt=0, description="supernet AdamW learning rate")
+    supernet_weight_decay: float = Field(1e-4, ge=0, description="supernet AdamW weight decay")
+    population: int = Field(50, ge=2, description="candidates per search iteration (AutoFormer: 50)")
+    iterations: int = Field(20, ge=1, description="search iterations (AutoFormer: 20)")
+    parents: int = Field(10, ge=1, description="best candidates kept per iteration (AutoFormer's select-num: 10)")
+    mutation_prob: float = Field(0.2, ge=0, le=1, description="chance that a mutation redraws each gene (0.2)")
 
 
 def train_supernet(model: nn.Module, hp, data, gen: torch.Generator, sample: Callable[[], None], name: str) -> None:

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import InputError
 from ._common import freeze_all
 from ._registry import HParams
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 
 EXTRA = 'pip install -e ".[hf]"'
 ADAPTER = "default"
@@ -51,14 +51,13 @@ _TUNER = "_hf_peft_tuner"  # model.__dict__ key: not a submodule, not in the sta
 
 Role = Literal["qkv", "q", "k", "v", "o", "fc1", "fc2"]
 _SPLIT = ("q", "k", "v")
+# HF-style role names over the shared block table; q/k/v are the slices SplitQKV makes of attn.qkv
 _PATTERNS = {
-    "qkv": r"blocks\.\d+\.attn\.qkv",
-    "q": r"blocks\.\d+\.attn\.qkv\.q",
-    "k": r"blocks\.\d+\.attn\.qkv\.k",
-    "v": r"blocks\.\d+\.attn\.qkv\.v",
-    "o": r"blocks\.\d+\.attn\.proj",
-    "fc1": r"blocks\.\d+\.mlp\.fc1",
-    "fc2": r"blocks\.\d+\.mlp\.fc2",
+    "qkv": BLOCK_LINEARS["qkv"],
+    **{part: BLOCK_LINEARS["qkv"] + rf"\.{part}" for part in _SPLIT},
+    "o": BLOCK_LINEARS["proj"],
+    "fc1": BLOCK_LINEARS["fc1"],
+    "fc2": BLOCK_LINEARS["fc2"],
 }
 TARGETS_DOC = (
     "linears that get an adapter: 'qkv' = timm's fused attn.qkv whole; 'q'/'k'/'v' = its row slices, "

@@ -13,6 +13,16 @@ from collections.abc import Iterable
 from torch import nn
 
 
+#: The linear layers of every timm ViT block, by role: one table for every method that names
+#: them (regular expressions over module paths, matched whole by :func:`resolve_targets`).
+BLOCK_LINEARS = {
+    "qkv": r"blocks\.\d+\.attn\.qkv",
+    "proj": r"blocks\.\d+\.attn\.proj",
+    "fc1": r"blocks\.\d+\.mlp\.fc1",
+    "fc2": r"blocks\.\d+\.mlp\.fc2",
+}
+
+
 def _matches(path: str, pattern: str) -> bool:
     return path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path) is not None
 

@@ -53,8 +53,8 @@ from pydantic import Field
 from torch import nn
 
 from ._common import freeze_all, unfreeze_head
-from ._evolution import accuracy, evolve, train_supernet
-from ._registry import HParams, Prestep, register_method
+from ._evolution import SearchHP, accuracy, evolve, train_supernet
+from ._registry import Prestep, register_method
 from ._targets import transformer_blocks
 
 LORA, VECTOR, CONSTANT, NONE = "lora", "vector", "constant", "none"
@@ -64,16 +64,10 @@ SPACE = {"A": (LORA, VECTOR, CONSTANT, NONE), "B": (LORA, VECTOR, CONSTANT, NONE
 COMPONENTS = tuple(SPACE)
 
 
-class GLoRAHP(HParams):
+class GLoRAHP(SearchHP):
     rank: int = Field(4, ge=1, description="rank of the LoRA paths (the authors' --rank)")
     param_limit: float = Field(1.0, gt=0, description="largest configuration the search may choose, M, head excluded")
-    supernet_epochs: int = Field(500, ge=1, description="supernet epochs on the training split (authors: 500)")
     supernet_lr: float = Field(1e-4, gt=0, description="supernet AdamW lr (authors' README: 1e-4)")
-    supernet_weight_decay: float = Field(1e-4, ge=0, description="supernet AdamW weight decay")
-    population: int = Field(50, ge=2, description="configurations per search iteration")
-    iterations: int = Field(20, ge=1, description="search iterations")
-    parents: int = Field(10, ge=1, description="best configurations kept per iteration")
-    mutation_prob: float = Field(0.2, ge=0, le=1, description="chance that a mutation redraws each choice")
 
 
 def _zeros(*shape, like):

@@ -40,9 +40,9 @@ from torch import nn
 
 from ._common import freeze_all
 from ._registry import HParams, register_method
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 
-_PATTERNS = (r"blocks\.\d+\.attn\.proj", r"blocks\.\d+\.mlp\.fc2")
+_PATTERNS = (BLOCK_LINEARS["proj"], BLOCK_LINEARS["fc2"])
 
 
 class HydraHP(HParams):

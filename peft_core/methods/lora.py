@@ -25,7 +25,7 @@ from torch import nn
 
 from ._common import freeze_all
 from ._registry import HParams, register_method
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 
 Target = Literal["q", "k", "v", "o", "fc1", "fc2"]
 _QKV = ("q", "k", "v")
@@ -91,7 +91,7 @@ def apply(model: nn.Module, hp: LoRAHP) -> nn.Module:
     transformer_blocks(model)
     roles = [t for t in _QKV if t in hp.targets]
     if roles:
-        for path, lin in resolve_targets(model, [r"blocks\.\d+\.attn\.qkv"], nn.Linear):
+        for path, lin in resolve_targets(model, [BLOCK_LINEARS["qkv"]], nn.Linear):
             rows = _qkv_rows(lin.out_features // 3, roles, lin.weight.device)
             model.set_submodule(path, LoRALinear(lin, hp.rank, hp.scale, hp.dropout, rows))
     for target in (t for t in hp.targets if t in _PLAIN):

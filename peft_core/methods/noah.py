@@ -48,22 +48,17 @@ import torch
 from pydantic import Field, field_validator
 
 from ._common import freeze_all, unfreeze_head
+from ._evolution import SearchHP
 from ._noah_modules import build, subnet_params
 from ._noah_search import search, train
 from ._prompts import vit_geometry
-from ._registry import HParams, Prestep, register_method
+from ._registry import Prestep, register_method
 
 
-class NOAHHP(HParams):
+class NOAHHP(SearchHP):
     choices: tuple[int, ...] = Field((1, 5, 10), description="sizes each tuner of each block may take (0: off)")
     param_limit: float = Field(0.64, gt=0, description="largest subnet the search may choose, M parameters, head excluded")
-    supernet_epochs: int = Field(500, ge=1, description="supernet training epochs on the training split (NOAH: 500)")
     supernet_lr: float = Field(5e-4, gt=0, description="supernet AdamW learning rate (NOAH's default)")
-    supernet_weight_decay: float = Field(1e-4, ge=0, description="supernet AdamW weight decay")
-    population: int = Field(50, ge=2, description="subnets per search iteration (NOAH/AutoFormer: 50)")
-    iterations: int = Field(20, ge=1, description="search iterations (NOAH/AutoFormer: 20)")
-    parents: int = Field(10, ge=1, description="best subnets kept per iteration (AutoFormer's select-num: 10)")
-    mutation_prob: float = Field(0.2, ge=0, le=1, description="chance that a mutation redraws each size (0.2)")
 
     @field_validator("choices")
     @classmethod

@@ -27,10 +27,10 @@ from torch import nn
 
 from ._common import freeze_all
 from ._registry import HParams, register_method
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 
 Target = Literal["attn", "mlp"]
-_PATTERNS = {"attn": r"blocks\.\d+\.attn\.qkv", "mlp": r"blocks\.\d+\.mlp\.fc1"}
+_PATTERNS = {"attn": BLOCK_LINEARS["qkv"], "mlp": BLOCK_LINEARS["fc1"]}
 
 
 class RepAdapterHP(HParams):

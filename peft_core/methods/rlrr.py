@@ -50,17 +50,11 @@ from torch import nn
 
 from ._common import freeze_all
 from ._registry import HParams, register_method
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 from .ssf import SSFHP, ScaleShift, _site
 from .ssf import merge as merge_scale_shifts
 
 Target = Literal["qkv", "proj", "fc1", "fc2"]
-_PATTERNS = {
-    "qkv": r"blocks\.\d+\.attn\.qkv",
-    "proj": r"blocks\.\d+\.attn\.proj",
-    "fc1": r"blocks\.\d+\.mlp\.fc1",
-    "fc2": r"blocks\.\d+\.mlp\.fc2",
-}
 
 
 class RLRRHP(HParams):
@@ -133,7 +127,7 @@ def apply(model: nn.Module, hp: RLRRHP) -> nn.Module:
     transformer_blocks(model)
     sites = [(path, _site(model, path, kind)) for path, kind in _ssf_sites(model)] if hp.ssf else []
     for target in hp.targets:
-        for path, lin in resolve_targets(model, [_PATTERNS[target]], nn.Linear):
+        for path, lin in resolve_targets(model, [BLOCK_LINEARS[target]], nn.Linear):
             model.set_submodule(path, RLRRLinear(lin, 3 if target == "qkv" else 1, hp.init))
     ssf_hp = SSFHP(init="normal", init_std=0.02) if hp.init == "reference" else SSFHP()
     for path, module in sites:

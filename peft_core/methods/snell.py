@@ -54,15 +54,9 @@ from torch import nn
 
 from ._common import freeze_all
 from ._registry import HParams, register_method
-from ._targets import resolve_targets, transformer_blocks
+from ._targets import BLOCK_LINEARS, resolve_targets, transformer_blocks
 
 Target = Literal["qkv", "proj", "fc1", "fc2"]
-_PATTERNS = {
-    "qkv": r"blocks\.\d+\.attn\.qkv",
-    "proj": r"blocks\.\d+\.attn\.proj",
-    "fc1": r"blocks\.\d+\.mlp\.fc1",
-    "fc2": r"blocks\.\d+\.mlp\.fc2",
-}
 
 
 class SNELLHP(HParams):
@@ -159,7 +153,7 @@ def apply(model: nn.Module, hp: SNELLHP) -> nn.Module:
             raise TypeError(f"snell: {type(model).__name__} has no cls_token to tune (set tune_cls_token=False)")
         cls.requires_grad_(True)
     for target in hp.targets:
-        for path, lin in resolve_targets(model, [_PATTERNS[target]], nn.Linear):
+        for path, lin in resolve_targets(model, [BLOCK_LINEARS[target]], nn.Linear):
             model.set_submodule(path, SNELLLinear(lin, 3 if target == "qkv" else 1, hp, input_dropout=target != "proj"))
     return model
 

@@ -77,7 +77,7 @@ def profile_signal() -> str:
 
 def test_profile_warns_the_trainer_before_the_time_limit():
     """`--signal=USR1@N` reaches the job steps (where the trainer runs); `B:USR1@N` would reach only the batch shell."""
-    from peft_core.train import PREEMPT_SIGNALS
+    from peft_core.preempt import PREEMPT_SIGNALS
 
     spec = profile_signal()
     match = re.fullmatch(r"([A-Z0-9]+)@(\d+)", spec)

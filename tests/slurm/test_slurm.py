@@ -48,6 +48,8 @@ RUN_TIMEOUT_S = 900
 
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/([^/]+)/")
 RUN_ID = re.compile(r"SLURM run ID: (\S+)")
+# a group member in a SLURM job's log: "rule train_pack: ... wildcards: dataset=d, method=m, pack=p"
+MEMBER = re.compile(r"rule (train_pack|train_final):.*?wildcards: dataset=([^,\s]+), method=([^,\s]+)(?:, pack=([^,\s]+))?", re.S)
 
 
 # ----------------------------------------------------------------- cluster
@@ -255,6 +257,22 @@ def _is_training(what: str) -> bool:
     return "train_pack" in what or "train_final" in what
 
 
+def _member_logs(work: Path, run_log: Path, jobid: str) -> list[Path]:
+    """The cell logs of the Snakemake jobs a SLURM job runs, from the wildcards its own log names."""
+    found = re.search(rf"submitted with SLURM jobid {jobid} \(log: (\S+)\)", run_log.read_text())
+    slurm_log = Path(found.group(1)) if found else None
+    if slurm_log is None or not slurm_log.is_file():
+        return []
+    text = slurm_log.read_text(errors="replace")
+    return [work / "logs" / "tiny" / rule / d / (f"{m}/{key}.log" if key else f"{m}.log")
+            for rule, d, m, key in MEMBER.findall(text)]  # fmt: skip
+
+
+def _mid_training(cell_log: Path) -> bool:
+    text = cell_log.read_text(errors="replace") if cell_log.is_file() else ""
+    return "epoch 3/60" in text and "epoch 60/60" not in text
+
+
 def _seed_from(reference_work: Path, work: Path) -> None:
     """Data, backbone and cached splits of the local run (mtimes kept): the SLURM run starts at training."""
     shutil.copy(TINY, work / "tiny.yaml")
@@ -380,9 +398,9 @@ def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, referenc
             assert proc.poll() is None, _tail(log)
             running = [j for j, what in _submitted(log.read_text()).items()
                        if _is_training(what) and _squeue_state(j) == "RUNNING"]  # fmt: skip
-            logs = list((work / "logs").glob("tiny/train_*/*/*/*.log"))
-            if running and any("epoch 3/60" in p.read_text(errors="replace") for p in logs):
-                victim = running[0]
+            # a job one of whose cells is mid-training (the linear probe's head trains on cached
+            # features within a second: a job caught after that has nothing left to save)
+            victim = next((j for j in running if any(_mid_training(p) for p in _member_logs(work, log, j))), None)
             time.sleep(0.3)
         assert victim is not None, f"no training job was seen mid-training:\n{_tail(log)}"
         if how == "requeue":

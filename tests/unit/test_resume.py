@@ -112,3 +112,27 @@ def test_kill_9_mid_pack_leaves_nothing_that_looks_complete_and_the_rerun_reuses
         (cells[0].cell_id, True, "ok"), (cells[1].cell_id, False, "ok")]  # fmt: skip
     assert (first / METRICS).stat().st_mtime_ns == stamp  # not retrained
     assert all((second / name).is_file() for name in CELL_FILES)
+
+
+def test_usr1_before_training_starts_is_kept_for_the_first_epoch_end(tmp_path):
+    """SLURM's ``--signal=USR1@120`` may come while a pack still loads: it must not end the process
+    (SIGUSR1's default action) with nothing saved, but save the state at the first epoch end."""
+    toycell.write_inputs(tmp_path, n_train=512)
+    (tmp_path / "code.sha256").write_text("abc  train.py\n")
+    cell = toycell.spec("lora", {"rank": 2}, epochs=6)
+    argv = [sys.executable, "-m", "peft_core.cli", "train-pack", "--spec-json", cell.canonical_json(),
+            "--train-data", "train.pt", "--eval-data", "eval.pt", "--checkpoint", "backbone.safetensors",
+            "--code-stamp", "code.sha256", "--cells-root", "cells", "--manifest", "pack.json", "--threads", "1",
+            "--device", "cpu"]  # fmt: skip
+    log = tmp_path / "pack.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=err, stderr=subprocess.STDOUT)
+    text = _wait_for(proc, log, lambda t: "training (not trained yet)" in t, "the pack's first log line")
+    assert "epoch 1/" not in text, "the cell trained before the signal could be sent: make it slower"
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, log.read_text()
+    text = log.read_text()
+    assert "epoch 1/6" in text and "preempted: state saved" in text and "epoch 2/6" not in text
+    assert (cell_path(tmp_path / "cells", cell) / "resume.pt").is_file()
+    again = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr
