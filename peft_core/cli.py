@@ -522,7 +522,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
     # the names of vtab_build.SOURCE_FORMATS (a test keeps them in step): importing it would load numpy
     s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat", "dtd-folder", "flowers102-folder",
-                                               "pets-folder", "eurosat-folder", "resisc45-folder"],
+                                               "pets-folder", "eurosat-folder", "resisc45-folder", "dsprites-npz",
+                                               "smallnorb-mat"],
                    help="build mode (peft_core/vtab_build.py): tfds = a TFDS prepared directory (the official "
                         "VTAB-1k images); the others = one data set's original archive, extracted "
                         "(peft_core/vtab_archives.py gives the layouts; VTAB-1k-style splits)")  # fmt: skip
@@ -531,7 +532,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="build mode: writes <out>/<dataset>/ (split files, images, manifest.json), then checks it")
     s.add_argument("--image-encoding", default="png", choices=["png", "source"],
                    help="build mode: png = decoded pixels as PNG (default); source = each TFDS record's or "
-                        "image file's own encoded bytes, unchanged (not cifar-binary / svhn-mat; far smaller "
+                        "image file's own encoded bytes, unchanged (tfds and the *-folder formats; far smaller "
                         "for the JPEG sets)")  # fmt: skip
     s.set_defaults(fn=cmd_prepare_vtab)
 

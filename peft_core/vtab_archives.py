@@ -34,7 +34,20 @@ refused in one line naming its path and this layout):
 - ``resisc45-folder`` (resisc45, ``NWPU-RESISC45.rar``): ``NWPU-RESISC45/<class>/<class>_NNN.jpg``;
   as TFDS's resisc45.py: all in ``train``, ids of its ``_LABELS`` (:data:`RESISC45_CLASSES`).
 
-(tensorflow/datasets, ``tensorflow_datasets/image_classification/<file>``.)
+- ``dsprites-npz`` (dsprites_loc, dsprites_ori): ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
+  (``imgs`` N x 64 x 64 of 0/1, ``latents_classes`` N x 6: color, shape, scale,
+  orientation, x, y); TFDS's dsprites.py reads the same arrays (from the .hdf5
+  copy) into its one split ``train``; the VTAB bins are vtab_splits.dsprites_label.
+  The whole ``imgs`` array is loaded (about 3 GB), as TFDS does.
+- ``smallnorb-mat`` (smallnorb_azi, smallnorb_ele): the ``.mat.gz`` files
+  gunzipped, ``smallnorb-5x46789x9x18x6x2x96x96-training-{dat,info}.mat`` and
+  ``smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,info}.mat`` (NORB binary
+  matrices, memory-mapped): as TFDS's smallnorb.py, training -> train, testing ->
+  test, the image is the first camera's, elevation = info column 1, azimuth =
+  info column 2 // 2.
+
+(tensorflow/datasets, ``tensorflow_datasets/image_classification/<file>`` and
+``tensorflow_datasets/image/{dsprites,smallnorb}.py``.)
 
 Order. TFDS shuffles records when it prepares a data set, and VTAB-1k takes
 slices (``train[:800]``) of that order; the image-folder formats instead order
@@ -44,13 +57,16 @@ slices. The order is fixed, mixes the classes (a sorted list would put 800
 images of the first few classes in train800) and depends on neither directory
 listing order nor a random generator, but it selects other images than TFDS's
 order: VTAB-1k-*style* splits, not the official images (``official: false``).
-The CIFAR and SVHN files are read in their own (already mixed) record order.
+The CIFAR and SVHN files are read in their own (already mixed) record order;
+the dSprites and smallNORB arrays, whose order is systematic (dSprites
+enumerates its latents), by :data:`ARRAY_ORDER` (sha256 of each record's index).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .vtab_splits import dsprites_label
 
 # an example: index within its TFDS split, pixels (H x W or H x W x 3 uint8) or encoded bytes, label
 Reader = Callable[[str, list[int]], Iterator[tuple[int, "np.ndarray | bytes", int]]]
@@ -70,8 +87,12 @@ LAYOUTS = {
     "pets-folder": "images/*.jpg, annotations/{trainval,test}.txt (or under oxford-iiit-pet/)",
     "eurosat-folder": "2750/<class>/*.jpg (or EuroSAT/, EuroSAT_RGB/)",
     "resisc45-folder": "NWPU-RESISC45/<class>/*.jpg",
+    "dsprites-npz": "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz",
+    "smallnorb-mat": "smallnorb-5x46789x9x18x6x2x96x96-training-{dat,info}.mat, "
+                     "smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,info}.mat (the .mat.gz files, gunzipped)",
 }
-RAW_PIXEL_FORMATS = ("cifar-binary", "svhn-mat")  # no encoded images to keep (--image-encoding source)
+# no encoded images to keep (--image-encoding source)
+RAW_PIXEL_FORMATS = ("cifar-binary", "svhn-mat", "dsprites-npz", "smallnorb-mat")
 
 # TFDS's label names in id order (tensorflow_datasets/image_classification/...)
 DTD_CLASSES = (  # dtd_key_attributes.txt
@@ -193,39 +214,42 @@ def svhn_source(path: Path, task, keep_encoded: bool = False) -> Source:
 Item = tuple[str, Path, int]  # (path relative to the image folder, as listed; the file; label)
 
 
-def _order_key(item: Item) -> tuple[str, str]:
+def _order_key(item: tuple) -> tuple[str, str]:
     return hashlib.sha256(item[0].encode()).hexdigest(), item[0]
+
+
+def ordered_source(splits: dict[str, list[tuple]], fetch: Callable, record: dict, order: str) -> Source:
+    """Records per TFDS split as ``(name, what fetch reads, label)``, each split in ascending sha256 of the names."""
+    ordered = {split: sorted(items, key=_order_key) for split, items in splits.items()}
+
+    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray | bytes, int]]:
+        for i in indices:
+            _, what, label = ordered[split][i]
+            yield i, fetch(what), label
+
+    return Source({s: len(v) for s, v in ordered.items()}, read, False, {**record, "order": order}, order)
 
 
 def image_source(fmt: str, splits: dict[str, list[Item]], files: dict[str, Path], keep_encoded: bool,
                  extra: dict | None = None) -> Source:  # fmt: skip
     """Images listed per TFDS split, in :data:`ORDER`; ``files``: the split lists / metadata (sha256 recorded)."""
-    ordered = {}
     for split, items in splits.items():
-        names = [name for name, _, _ in items]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
+        dup = next((n for n, k in Counter(name for name, _, _ in items).items() if k > 1), None)
+        if dup is not None:
             raise InputError(f"{items[0][1].parent}: {dup} is listed twice in TFDS split {split!r}")
         absent = next((p for _, p, _ in items if not p.is_file()), None)
         if absent is not None:
             raise _missing(absent, fmt)
-        ordered[split] = sorted(items, key=_order_key)
 
-    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray | bytes, int]]:
-        for i in indices:
-            _, path, label = ordered[split][i]
-            data = path.read_bytes()
-            if keep_encoded:
-                yield i, data, label
-                continue
-            try:
-                yield i, decode_image(data), label
-            except OSError as err:  # PIL.UnidentifiedImageError is an OSError
-                raise InputError(f"{path}: not a readable image ({err})") from None
+    def fetch(path: Path) -> np.ndarray | bytes:
+        data = path.read_bytes()
+        try:
+            return data if keep_encoded else decode_image(data)
+        except OSError as err:  # PIL.UnidentifiedImageError is an OSError
+            raise InputError(f"{path}: not a readable image ({err})") from None
 
-    record = {"layout": LAYOUTS[fmt], "order": ORDER, "files": {n: sha_file(p) for n, p in files.items()}}
-    record.update(extra or {})
-    return Source({s: len(v) for s, v in ordered.items()}, read, False, record, ORDER)
+    record = {"layout": LAYOUTS[fmt], "files": {n: sha_file(p) for n, p in files.items()}, **(extra or {})}
+    return ordered_source(splits, fetch, record, ORDER)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -333,8 +357,74 @@ def resisc45_source(path: Path, task, keep_encoded: bool = False) -> Source:
     return _class_folders(path, "resisc45-folder", ("NWPU-RESISC45",), RESISC45_CLASSES, keep_encoded)
 
 
+# ---------------------------------------------------------------- arrays of many records
+
+ARRAY_ORDER = "each TFDS split's records by ascending sha256 of their index in the archive file (decimal, ASCII)"
+DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+DSPRITES_COLUMNS = {"dsprites_loc": ("label_x_position", 4), "dsprites_ori": ("label_orientation", 3)}
+
+
+def _array_source(fmt: str, arrays: dict[str, tuple[Callable, np.ndarray]], files: dict[str, Path]) -> Source:
+    """TFDS split -> (index -> pixels, labels by index), in :data:`ARRAY_ORDER`."""
+    splits = {s: [(str(i), (s, i), int(y)) for i, y in enumerate(labels)] for s, (_, labels) in arrays.items()}
+    record = {"layout": LAYOUTS[fmt], "files": {n: sha_file(p) for n, p in files.items()}}
+    return ordered_source(splits, lambda what: arrays[what[0]][0](what[1]), record, ARRAY_ORDER)
+
+
+def dsprites_source(path: Path, task, keep_encoded: bool = False) -> Source:
+    _, files = _find(path, (DSPRITES_NPZ,), ("dsprites-dataset",), "dsprites-npz")
+    try:
+        with np.load(files[DSPRITES_NPZ], allow_pickle=False) as npz:  # imgs: ~3 GB once decompressed
+            imgs, classes = npz["imgs"], npz["latents_classes"]
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{files[DSPRITES_NPZ]}: no dSprites imgs / latents_classes arrays ({err})") from None
+    if imgs.ndim != 3 or classes.shape != (len(imgs), 6):
+        raise InputError(f"{files[DSPRITES_NPZ]}: imgs {imgs.shape} / latents_classes {classes.shape} "
+                         "are not N x H x W / N x 6")  # fmt: skip
+    attribute, column = DSPRITES_COLUMNS[task.label]  # latents: color, shape, scale, orientation, x, y (dsprites.py)
+    labels = [dsprites_label(int(v), attribute, task.num_classes) for v in classes[:, column]]
+    scale = np.uint8(task.image_scale)
+    return _array_source("dsprites-npz", {"train": (lambda i: imgs[i] * scale, labels)}, files)
+
+
+NORB_TYPES = {0x1E3D4C55: np.dtype("uint8"), 0x1E3D4C54: np.dtype("<i4")}  # smallnorb.py read_binary_matrix
+NORB_FILES = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training-{}.mat",
+              "test": "smallnorb-5x01235x9x18x6x2x96x96-testing-{}.mat"}  # fmt: skip
+
+
+def norb_matrix(path: Path) -> np.ndarray:
+    """A NORB binary matrix (little-endian: magic, ndim, max(3, ndim) dims, data), memory-mapped."""
+    head = np.fromfile(path, dtype="<i4", count=2)
+    if len(head) < 2 or int(head[0]) not in NORB_TYPES or not 1 <= head[1] <= 8:
+        raise InputError(f"{path}: not a NORB binary matrix (magic {head[:1]})")
+    dtype, ndim = NORB_TYPES[int(head[0])], int(head[1])
+    dims = tuple(int(d) for d in np.fromfile(path, dtype="<i4", count=ndim, offset=8))
+    offset = 8 + 4 * max(3, ndim)
+    if path.stat().st_size != offset + int(np.prod(dims)) * dtype.itemsize:
+        raise InputError(f"{path}: {path.stat().st_size} bytes, not the {dims} matrix its header declares")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=dims)
+
+
+def smallnorb_source(path: Path, task, keep_encoded: bool = False) -> Source:
+    names = tuple(NORB_FILES[s].format(kind) for s in NORB_FILES for kind in ("dat", "info"))
+    _, files = _find(path, names, ("smallnorb",), "smallnorb-mat")
+    column = {"label_elevation": 1, "label_azimuth": 2}[task.label]  # info: instance, elevation, azimuth, lighting
+    arrays = {}
+    for split, pattern in NORB_FILES.items():
+        dat, info = norb_matrix(files[pattern.format("dat")]), norb_matrix(files[pattern.format("info")])
+        if dat.ndim != 4 or dat.shape[1] != 2 or info.shape != (len(dat), 4):
+            raise InputError(f"{files[pattern.format('dat')]}: dat {dat.shape} / info {info.shape} "
+                             "are not N x 2 x H x W / N x 4")  # fmt: skip
+        labels = info[:, column] // (2 if column == 2 else 1)  # azimuth is stored as 0, 2, .., 34 (smallnorb.py)
+        arrays[split] = (lambda i, dat=dat: np.ascontiguousarray(dat[i, 0]), labels)  # "image": the first camera
+    return _array_source("smallnorb-mat", arrays, files)
+
+
 OPENERS = {"cifar-binary": cifar_source, "svhn-mat": svhn_source, "dtd-folder": dtd_source,
            "flowers102-folder": flowers_source, "pets-folder": pets_source, "eurosat-folder": eurosat_source,
-           "resisc45-folder": resisc45_source}  # fmt: skip
-DATASETS = {"cifar-binary": "cifar100", "svhn-mat": "svhn", "dtd-folder": "dtd", "flowers102-folder": "flowers102",
-            "pets-folder": "pets", "eurosat-folder": "eurosat", "resisc45-folder": "resisc45"}  # fmt: skip
+           "resisc45-folder": resisc45_source, "dsprites-npz": dsprites_source,
+           "smallnorb-mat": smallnorb_source}  # fmt: skip
+DATASETS = {"cifar-binary": ("cifar100",), "svhn-mat": ("svhn",), "dtd-folder": ("dtd",),
+            "flowers102-folder": ("flowers102",), "pets-folder": ("pets",), "eurosat-folder": ("eurosat",),
+            "resisc45-folder": ("resisc45",), "dsprites-npz": ("dsprites_loc", "dsprites_ori"),
+            "smallnorb-mat": ("smallnorb_azi", "smallnorb_ele")}  # fmt: skip

@@ -184,8 +184,8 @@ def build(source_format: str, source: str | Path, dataset: str, out: str | Path,
     if dataset not in TASKS:
         raise InputError(f"--dataset: {dataset!r} is not a VTAB-1k data set ({', '.join(TASKS)})")
     only = ARCHIVE_DATASETS.get(source_format)
-    if only and dataset != only:
-        raise InputError(f"--source-format {source_format} holds {only} only, not {dataset}")
+    if only and dataset not in only:
+        raise InputError(f"--source-format {source_format} holds {' / '.join(only)} only, not {dataset}")
     if image_encoding not in IMAGE_ENCODINGS:
         raise InputError(f"--image-encoding: {image_encoding!r} is not one of {', '.join(IMAGE_ENCODINGS)}")
     task = TASKS[dataset]

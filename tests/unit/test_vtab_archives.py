@@ -23,7 +23,8 @@ from PIL import Image
 from peft_core.cli import main, parser
 from peft_core.errors import InputError
 from peft_core.vtab import check_root
-from peft_core.vtab_archives import DTD_CLASSES, EUROSAT_CLASSES, ORDER, PETS_CLASSES, RESISC45_CLASSES
+from peft_core.vtab_archives import ARRAY_ORDER, DSPRITES_NPZ, DTD_CLASSES, EUROSAT_CLASSES, NORB_FILES, ORDER
+from peft_core.vtab_archives import PETS_CLASSES, RESISC45_CLASSES
 from peft_core.vtab_build import SOURCE_FORMATS, build
 from peft_core.vtab_splits import resolve_split
 
@@ -116,6 +117,43 @@ def fake_resisc45(root: Path) -> tuple[Path, Listing]:
     return root / "NWPU-RESISC45", _fake_class_folders(root / "NWPU-RESISC45", RESISC45_CLASSES, 1350)
 
 
+def fake_dsprites(root: Path) -> tuple[Path, Listing]:
+    """The npz with 2000 records of 0/1 pixels (the real one: 737,280 of 64x64) and latents_classes N x 6."""
+    n = 2000
+    root.mkdir(parents=True)
+    classes = np.zeros((n, 6), dtype=np.int64)
+    classes[:, 3], classes[:, 4] = np.arange(n) % 40, np.arange(n) * 3 % 32  # orientation, x position
+    imgs = np.zeros((n, 4, 4), dtype=np.uint8)
+    imgs[1::2] = 1
+    np.savez_compressed(root / DSPRITES_NPZ, imgs=imgs, latents_classes=classes)
+    return root, {"train": [(str(i), int(classes[i, 4]) // 2, 255 * (i % 2)) for i in range(n)]}  # 32 -> 16 bins
+
+
+def _norb_matrix(path: Path, array: np.ndarray) -> None:
+    magic = {np.uint8: 0x1E3D4C55, np.int32: 0x1E3D4C54}[array.dtype.type]
+    dims = list(array.shape) + [1] * (3 - array.ndim)
+    head = np.array([magic, array.ndim, *dims], dtype="<i4").tobytes()
+    path.write_bytes(head + array.astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+def fake_smallnorb(root: Path) -> tuple[Path, Listing]:
+    """NORB binary matrices: dat N x 2 x H x W uint8, info N x 4 int32 (instance, elevation, azimuth, lighting)."""
+    listing, start = {}, 0
+    root.mkdir(parents=True)
+    kinds = (("train", "5x46789x9x18x6x2x96x96-training", 800), ("test", "5x01235x9x18x6x2x96x96-testing", 400))
+    for split, kind, n in kinds:
+        i = np.arange(start, start + n)
+        dat = np.zeros((n, 2, 4, 4), dtype=np.uint8)
+        dat[:, 0] = (7 * i % 256).astype(np.uint8)[:, None, None]  # the first camera's image
+        dat[:, 1] = 99
+        info = np.stack([i % 10, i % 9, 2 * (i % 18), i % 6], axis=1).astype(np.int32)
+        _norb_matrix(root / f"smallnorb-{kind}-dat.mat", dat)
+        _norb_matrix(root / f"smallnorb-{kind}-info.mat", info)
+        listing[split] = [(str(k), int(i[k] % 9), _colour(int(i[k]))) for k in range(n)]  # elevation
+        start += n
+    return root, listing
+
+
 @dataclass(frozen=True)
 class Case:
     fmt: str
@@ -138,7 +176,16 @@ CASES = [
          "2750", (), "2750/Highway"),  # fmt: skip
     Case("resisc45-folder", "resisc45", fake_resisc45, {"val200": "train[810:1010]", "test": "train[1080:]"},
          "NWPU-RESISC45", (), "NWPU-RESISC45/ship"),  # fmt: skip
+    Case("dsprites-npz", "dsprites_loc", fake_dsprites, {"val200": "train[1600:1800]", "test": "train[1800:]"},
+         "", (DSPRITES_NPZ,), DSPRITES_NPZ),  # fmt: skip
+    Case("smallnorb-mat", "smallnorb_ele", fake_smallnorb, {"val200": "test[:200]", "test": "test[50%:]"}, "",
+         tuple(f"smallnorb-5x{k}-{t}.mat" for k in ("46789x9x18x6x2x96x96-training", "01235x9x18x6x2x96x96-testing")
+               for t in ("dat", "info")), "smallnorb-5x01235x9x18x6x2x96x96-testing-info.mat"),  # fmt: skip
 ]
+
+
+def _sha_order(item: tuple) -> str:
+    return hashlib.sha256(item[0].encode()).hexdigest()  # names are unique: no ties
 
 
 def _tree(folder: Path) -> dict[Path, bytes]:
@@ -154,7 +201,8 @@ def test_folder_archive_builds_checked_ordered_and_deterministic(case, tmp_path)
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["official"] is False and manifest["source_format"] == case.fmt
-    assert manifest["source"]["order"] == ORDER and manifest["order"].startswith(ORDER)
+    order = ARRAY_ORDER if case.fmt in ("dsprites-npz", "smallnorb-mat") else ORDER
+    assert manifest["source"]["order"] == order and manifest["order"].startswith(order)
     assert "not the official images" in manifest["order"]
     assert {s: manifest["splits"][s]["slice"] for s in case.slices} == case.slices
     top = tmp_path / "src" / case.top
@@ -163,7 +211,7 @@ def test_folder_archive_builds_checked_ordered_and_deterministic(case, tmp_path)
     # the documented order: each TFDS split by sha256 of the listed name; labels follow the images
     counts = {split: len(items) for split, items in listing.items()}
     assert manifest["source_counts"] == counts
-    ordered = {s: sorted(items, key=lambda it: hashlib.sha256(it[0].encode()).hexdigest()) for s, items in listing.items()}
+    ordered = {s: sorted(items, key=_sha_order) for s, items in listing.items()}
     for split in ("train800", "val200", "test"):
         want = [(f"images/{name}/{i:06d}.png", ordered[name][i][1])
                 for name, r in resolve_split(manifest["splits"][split]["slice"], counts) for i in r]  # fmt: skip
@@ -172,7 +220,8 @@ def test_folder_archive_builds_checked_ordered_and_deterministic(case, tmp_path)
         for rel, _ in (want[0], want[-1]):
             name, i = rel.split("/")[1], int(rel.split("/")[2][:6])
             with Image.open(folder / rel) as img:
-                assert abs(int(img.getpixel((1, 1))[0]) - ordered[name][i][2]) <= 3 and img.info == {}
+                pixel = img.getpixel((1, 1))
+                assert abs(int(np.ravel(pixel)[0]) - ordered[name][i][2]) <= 3 and img.info == {}
     assert len({y for _, y in want}) > 1  # the order mixes classes
 
     build(case.fmt, root, case.dataset, tmp_path / "b")
@@ -199,7 +248,7 @@ def test_cli_builds_dtd_keeping_the_jpeg_bytes(tmp_path, capsys):
     assert rc == 0, out
     assert "dtd" in out and "ok" in out
     first = (tmp_path / "out/dtd/train800.txt").read_text().split()[0]
-    name = sorted(listing["train"], key=lambda it: hashlib.sha256(it[0].encode()).hexdigest())[0][0]
+    name = sorted(listing["train"], key=_sha_order)[0][0]
     assert first == "images/train/000000.jpg"
     assert (tmp_path / "out/dtd" / first).read_bytes() == (root / "dtd/images" / name).read_bytes()
 
@@ -221,6 +270,16 @@ def test_refusals(tmp_path, capsys):
     image.write_bytes(b"not an image")
     with pytest.raises(InputError, match=f"^{image}: not a readable image"):
         build("pets-folder", root, "pets", tmp_path / "out")
+    with pytest.raises(InputError, match="holds dsprites_loc / dsprites_ori only"):
+        build("dsprites-npz", root, "pets", tmp_path / "out")
+    with pytest.raises(InputError, match="raw pixels"):
+        build("smallnorb-mat", root, "smallnorb_azi", tmp_path / "out", image_encoding="source")
+    (tmp_path / "norb").mkdir()
+    for pattern in NORB_FILES.values():
+        for kind in ("dat", "info"):  # a header declaring 5 bytes of data, and none
+            (tmp_path / "norb" / pattern.format(kind)).write_bytes(np.array([0x1E3D4C55, 1, 5, 1, 1], "<i4").tobytes())
+    with pytest.raises(InputError, match="bytes, not the"):
+        build("smallnorb-mat", tmp_path / "norb", "smallnorb_azi", tmp_path / "out")
     assert main(["prepare-vtab", "--source-format", "eurosat-folder", "--source", str(tmp_path / "pets"),
                  "--dataset", "eurosat", "--out", str(tmp_path / "out")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
