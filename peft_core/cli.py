@@ -522,8 +522,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
     # the names of vtab_build.SOURCE_FORMATS (a test keeps them in step): importing it would load numpy
     s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat", "dtd-folder", "flowers102-folder",
-                                               "pets-folder", "eurosat-folder", "resisc45-folder", "dsprites-npz",
-                                               "smallnorb-mat"],
+                                               "pets-folder", "eurosat-folder", "resisc45-folder", "caltech101-folder",
+                                               "dsprites-npz", "smallnorb-mat"],
                    help="build mode (peft_core/vtab_build.py): tfds = a TFDS prepared directory (the official "
                         "VTAB-1k images); the others = one data set's original archive, extracted "
                         "(peft_core/vtab_archives.py gives the layouts; VTAB-1k-style splits)")  # fmt: skip

@@ -34,6 +34,14 @@ refused in one line naming its path and this layout):
 - ``resisc45-folder`` (resisc45, ``NWPU-RESISC45.rar``): ``NWPU-RESISC45/<class>/<class>_NNN.jpg``;
   as TFDS's resisc45.py: all in ``train``, ids of its ``_LABELS`` (:data:`RESISC45_CLASSES`).
 
+- ``caltech101-folder`` (caltech101, ``101_ObjectCategories.tar.gz``):
+  ``101_ObjectCategories/<class>/image_NNNN.jpg``, 102 folders. TFDS's caltech.py
+  keeps ``BACKGROUND_Google`` (VTAB's 102 classes) and labels each image by its
+  folder name lowercased, ids in ``caltech101_labels.txt`` order (those names,
+  sorted); its ``train`` is 30 images per class drawn by ``np.random.choice`` over
+  the file system's listing order (not reproducible), the rest ``test``. Here
+  each class's first 30 images in :data:`ORDER` go to ``train``, the rest to
+  ``test``: another split of the same sizes (the manifest says so).
 - ``dsprites-npz`` (dsprites_loc, dsprites_ori): ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
   (``imgs`` N x 64 x 64 of 0/1, ``latents_classes`` N x 6: color, shape, scale,
   orientation, x, y); TFDS's dsprites.py reads the same arrays (from the .hdf5
@@ -87,6 +95,7 @@ LAYOUTS = {
     "pets-folder": "images/*.jpg, annotations/{trainval,test}.txt (or under oxford-iiit-pet/)",
     "eurosat-folder": "2750/<class>/*.jpg (or EuroSAT/, EuroSAT_RGB/)",
     "resisc45-folder": "NWPU-RESISC45/<class>/*.jpg",
+    "caltech101-folder": "101_ObjectCategories/<class>/*.jpg (102 folders, BACKGROUND_Google included)",
     "dsprites-npz": "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz",
     "smallnorb-mat": "smallnorb-5x46789x9x18x6x2x96x96-training-{dat,info}.mat, "
                      "smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,info}.mat (the .mat.gz files, gunzipped)",
@@ -332,29 +341,51 @@ def pets_source(path: Path, task, keep_encoded: bool = False) -> Source:
     return _listed(path, "pets-folder", ("oxford-iiit-pet",), lists, _pets_line, what, keep_encoded)
 
 
-def _class_folders(path: Path, fmt: str, subs: tuple[str, ...], classes: list[str], keep_encoded: bool) -> Source:
-    """``<root>/<class>/*.jpg`` for every class of TFDS's list, all in TFDS's one split ``train``."""
-    root, _ = _find(path, (), subs, fmt)
-    items: list[Item] = []
+def _class_folders(root: Path, fmt: str, classes: list[str], keep_encoded: bool, train_per_class: int = 0) -> Source:
+    """``<root>/<class>/*.jpg`` for the classes in label order: all in TFDS's one split ``train``, or, with
+    ``train_per_class``, each class's first that many in :data:`ORDER` in ``train`` and the rest in ``test``."""
+    splits: dict[str, list[Item]] = {"train": [], "test": []} if train_per_class else {"train": []}
     for label, cls in enumerate(classes):
         if not (root / cls).is_dir():
             raise _missing(root / cls, fmt)
-        names = sorted(p.name for p in (root / cls).glob("*.jpg"))
-        if not names:
-            raise InputError(f"{root / cls}: no *.jpg images (--source-format {fmt}: {LAYOUTS[fmt]})")
-        items += [(f"{cls}/{n}", root / cls / n, label) for n in names]
-    listing = "".join(f"{name}\n" for name, _, _ in sorted(items))  # the order here is irrelevant: hashed later
-    counts = {cls: sum(1 for _, _, y in items if y == i) for i, cls in enumerate(classes)}
-    extra = {"listing_sha256": hashlib.sha256(listing.encode()).hexdigest(), "images_per_class": counts}
-    return image_source(fmt, {"train": items}, {}, keep_encoded, extra)
+        items = sorted(((f"{cls}/{p.name}", p, label) for p in (root / cls).glob("*.jpg")), key=_order_key)
+        if len(items) < max(1, train_per_class):
+            raise InputError(f"{root / cls}: {len(items)} *.jpg images, too few "
+                             f"(--source-format {fmt}: {LAYOUTS[fmt]})")  # fmt: skip
+        cut = train_per_class or len(items)
+        splits["train"] += items[:cut]
+        if train_per_class:
+            splits["test"] += items[cut:]
+    listing = sorted(name for items in splits.values() for name, _, _ in items)
+    per_class = Counter(name.split("/")[0] for name in listing)
+    extra = {"listing_sha256": hashlib.sha256("".join(f"{n}\n" for n in listing).encode()).hexdigest(),
+             "images_per_class": {cls: per_class[cls] for cls in classes}}  # fmt: skip
+    if train_per_class:
+        extra["train"] = f"each class's first {train_per_class} images in the order above; the rest: test"
+    return image_source(fmt, splits, {}, keep_encoded, extra)
 
 
 def eurosat_source(path: Path, task, keep_encoded: bool = False) -> Source:
-    return _class_folders(path, "eurosat-folder", ("2750", "EuroSAT", "EuroSAT_RGB"), EUROSAT_CLASSES, keep_encoded)
+    root, _ = _find(path, (), ("2750", "EuroSAT", "EuroSAT_RGB"), "eurosat-folder")
+    return _class_folders(root, "eurosat-folder", EUROSAT_CLASSES, keep_encoded)
 
 
 def resisc45_source(path: Path, task, keep_encoded: bool = False) -> Source:
-    return _class_folders(path, "resisc45-folder", ("NWPU-RESISC45",), RESISC45_CLASSES, keep_encoded)
+    root, _ = _find(path, (), ("NWPU-RESISC45",), "resisc45-folder")
+    return _class_folders(root, "resisc45-folder", RESISC45_CLASSES, keep_encoded)
+
+
+CALTECH_TRAIN_PER_CLASS = 30  # caltech.py _TRAIN_POINTS_PER_CLASS
+
+
+def caltech_source(path: Path, task, keep_encoded: bool = False) -> Source:
+    """Labels: caltech101_labels.txt is the 102 folder names lowercased (BACKGROUND_Google included), sorted."""
+    root, _ = _find(path, (), ("101_ObjectCategories",), "caltech101-folder")
+    classes = sorted((d.name for d in root.iterdir() if d.is_dir()), key=str.lower)
+    if len(classes) != task.num_classes:
+        raise InputError(f"{root}: {len(classes)} class folders, not Caltech-101's {task.num_classes} "
+                         f"(101 and BACKGROUND_Google; {LAYOUTS['caltech101-folder']})")  # fmt: skip
+    return _class_folders(root, "caltech101-folder", classes, keep_encoded, CALTECH_TRAIN_PER_CLASS)
 
 
 # ---------------------------------------------------------------- arrays of many records
@@ -422,9 +453,10 @@ def smallnorb_source(path: Path, task, keep_encoded: bool = False) -> Source:
 
 OPENERS = {"cifar-binary": cifar_source, "svhn-mat": svhn_source, "dtd-folder": dtd_source,
            "flowers102-folder": flowers_source, "pets-folder": pets_source, "eurosat-folder": eurosat_source,
-           "resisc45-folder": resisc45_source, "dsprites-npz": dsprites_source,
+           "resisc45-folder": resisc45_source, "caltech101-folder": caltech_source, "dsprites-npz": dsprites_source,
            "smallnorb-mat": smallnorb_source}  # fmt: skip
 DATASETS = {"cifar-binary": ("cifar100",), "svhn-mat": ("svhn",), "dtd-folder": ("dtd",),
             "flowers102-folder": ("flowers102",), "pets-folder": ("pets",), "eurosat-folder": ("eurosat",),
-            "resisc45-folder": ("resisc45",), "dsprites-npz": ("dsprites_loc", "dsprites_ori"),
+            "resisc45-folder": ("resisc45",), "caltech101-folder": ("caltech101",),
+            "dsprites-npz": ("dsprites_loc", "dsprites_ori"),
             "smallnorb-mat": ("smallnorb_azi", "smallnorb_ele")}  # fmt: skip

@@ -117,6 +117,23 @@ def fake_resisc45(root: Path) -> tuple[Path, Listing]:
     return root / "NWPU-RESISC45", _fake_class_folders(root / "NWPU-RESISC45", RESISC45_CLASSES, 1350)
 
 
+def fake_caltech(root: Path) -> tuple[Path, Listing]:
+    """``101_ObjectCategories/<class>/image_NNNN.jpg``: 102 folders of 31 images (train: 30 per class)."""
+    folders = ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes"] + [f"c{k:02d}" for k in range(97)]
+    labels = {name: i for i, name in enumerate(sorted(folders, key=str.lower))}  # background_google < c00 < faces
+    listing, i = {"train": [], "test": []}, 0
+    for name in folders:
+        items = []
+        for k in range(31):
+            items.append((f"{name}/image_{k + 1:04d}.jpg", labels[name], _colour(i)))
+            i += 1
+        items.sort(key=_sha_order)
+        listing["train"] += items[:30]
+        listing["test"] += items[30:]
+    _write_images(root / "101_ObjectCategories", listing)
+    return root, listing
+
+
 def fake_dsprites(root: Path) -> tuple[Path, Listing]:
     """The npz with 2000 records of 0/1 pixels (the real one: 737,280 of 64x64) and latents_classes N x 6."""
     n = 2000
@@ -163,6 +180,7 @@ class Case:
     top: str  # the archive's top folder below the fabricated root
     lists: tuple[str, ...]  # split / metadata files (below ``top``) whose sha256 the manifest records
     remove: str  # what to delete below the fabricated root, for the missing-file message
+    error: str = "{target}: not found"  # how that message starts
 
 
 CASES = [
@@ -176,6 +194,9 @@ CASES = [
          "2750", (), "2750/Highway"),  # fmt: skip
     Case("resisc45-folder", "resisc45", fake_resisc45, {"val200": "train[810:1010]", "test": "train[1080:]"},
          "NWPU-RESISC45", (), "NWPU-RESISC45/ship"),  # fmt: skip
+    Case("caltech101-folder", "caltech101", fake_caltech, {"val200": "train[2754:2954]", "test": "test"},
+         "101_ObjectCategories", (), "101_ObjectCategories/Faces_easy",
+         "{target.parent}: 101 class folders"),  # fmt: skip
     Case("dsprites-npz", "dsprites_loc", fake_dsprites, {"val200": "train[1600:1800]", "test": "train[1800:]"},
          "", (DSPRITES_NPZ,), DSPRITES_NPZ),  # fmt: skip
     Case("smallnorb-mat", "smallnorb_ele", fake_smallnorb, {"val200": "test[:200]", "test": "test[50%:]"}, "",
@@ -237,7 +258,8 @@ def test_folder_archive_builds_checked_ordered_and_deterministic(case, tmp_path)
     with pytest.raises(InputError) as err:
         build(case.fmt, root, case.dataset, tmp_path / "c")
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{target}: not found") and "--source-format" in message
+    assert "\n" not in message and message.startswith(case.error.format(target=target))
+    assert "--source-format" in message or case.fmt == "caltech101-folder"
 
 
 def test_cli_builds_dtd_keeping_the_jpeg_bytes(tmp_path, capsys):
