@@ -2,8 +2,9 @@
 
 ``--source`` is the folder an archive was extracted into, or the archive's top
 folder itself (``dtd/``, ``cifar-100-binary/``, ...). Each format holds one
-VTAB-1k data set, read in the layout it is distributed in (a missing file is
-refused in one line naming its path and this layout):
+data set (dSprites and smallNORB: two VTAB-1k tasks each), read in the layout
+it is distributed in (a missing file is refused in one line naming its path and
+this layout):
 
 - ``cifar-binary`` (cifar100): ``cifar-100-binary/{train,test}.bin``, records of
   1 coarse + 1 fine label byte + 3072 pixel bytes (R, G, B planes of 32x32),
@@ -33,7 +34,6 @@ refused in one line naming its path and this layout):
   (peft_core/vtab_splits.py).
 - ``resisc45-folder`` (resisc45, ``NWPU-RESISC45.rar``): ``NWPU-RESISC45/<class>/<class>_NNN.jpg``;
   as TFDS's resisc45.py: all in ``train``, ids of its ``_LABELS`` (:data:`RESISC45_CLASSES`).
-
 - ``caltech101-folder`` (caltech101, ``101_ObjectCategories.tar.gz``):
   ``101_ObjectCategories/<class>/image_NNNN.jpg``, 102 folders. TFDS's caltech.py
   keeps ``BACKGROUND_Google`` (VTAB's 102 classes) and labels each image by its
