@@ -15,23 +15,25 @@ Writes ``<out>/<dataset>/{train800,val200,train800val200,test}.txt`` (lines
   TFDS version the reference code names (peft_core/vtab_splits.py; the manifest
   records the version found).
 - the original archives, one data set each (peft_core/vtab_archives.py documents
-  the layouts): ``cifar-binary`` (cifar100), ``svhn-mat`` (svhn), and the image
-  folders with their official split lists ``dtd-folder``, ``flowers102-folder``,
-  ``pets-folder``, ``eurosat-folder``, ``resisc45-folder``.
+  the layouts and cites the TFDS builders whose splits and labels they follow):
+  ``cifar-binary`` (cifar100), ``svhn-mat`` (svhn), the image folders with their
+  official split lists ``dtd-folder``, ``flowers102-folder``, ``pets-folder``,
+  ``eurosat-folder``, ``resisc45-folder``, ``caltech101-folder``, and the arrays
+  ``dsprites-npz`` (dsprites_loc / _ori), ``smallnorb-mat`` (smallnorb_azi / _ele).
 
 The archives are in their distribution order (CIFAR, SVHN) or ordered by a
-fixed rule (the image folders: sha256 of each file's name), which is not TFDS's
-order (TFDS shuffles records when it prepares a data set), so the archive
-formats give VTAB-1k-*style* splits (the same slices over another order: other
-images), not the official ones; the manifest says so (``official: false``) and
-states the order.
+fixed rule (the others: sha256 of each file's name or record's index), which is
+not TFDS's order (TFDS shuffles records when it prepares a data set), so the
+archive formats give VTAB-1k-*style* splits (the same slices over another
+order: other images), not the official ones; the manifest says so
+(``official: false``) and states the order.
 
 Images are stored at their native size (no resize: the cache step resizes),
 as PNG written by Pillow with fixed options and no metadata, so the same inputs
 give byte-identical files with the same Pillow and zlib; ``pixels_sha256`` in
 the manifest hashes the decoded pixels of each split, independent of the PNG
-encoder. ``image_encoding="source"`` (tfds and the image folders) instead stores each record's
-or file's own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
+encoder. ``image_encoding="source"`` (tfds and the image folders) instead stores
+each record's or file's own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
 far smaller for the JPEG sets (sun397, retinopathy), and the pixels are those
 of the official records as any decoder reads them; ``pixels_sha256`` then
 hashes those bytes. Grayscale stays grayscale (the cache step converts to RGB, as the
