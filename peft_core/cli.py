@@ -510,15 +510,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="the processed VTAB-1k root to check")
     s.add_argument("--datasets", nargs="+", help="default: all 19")
     s.add_argument("--full", action="store_true", help="check every image file, not a sample per split")
-    s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat"],
+    # the names of vtab_build.SOURCE_FORMATS (a test keeps them in step): importing it would load numpy
+    s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat", "dtd-folder", "flowers102-folder",
+                                               "pets-folder", "eurosat-folder", "resisc45-folder", "caltech101-folder",
+                                               "dsprites-npz", "smallnorb-mat"],
                    help="build mode (peft_core/vtab_build.py): tfds = a TFDS prepared directory (the official "
-                        "VTAB-1k images); cifar-binary / svhn-mat = the original archives (VTAB-1k-style splits)")  # fmt: skip
+                        "VTAB-1k images); the others = one data set's original archive, extracted "
+                        "(peft_core/vtab_archives.py gives the layouts; VTAB-1k-style splits)")  # fmt: skip
     s.add_argument("--source", help="build mode: the TFDS data_dir (or version folder), or the extracted archive")
     s.add_argument("--dataset", help="build mode: the VTAB-1k data set to write (cifar100, clevr_count, ...)")
     s.add_argument("--out", help="build mode: writes <out>/<dataset>/ (split files, images, manifest.json), then checks it")
     s.add_argument("--image-encoding", default="png", choices=["png", "source"],
-                   help="build mode: png = decoded pixels as PNG (default); source = each TFDS record's own "
-                        "encoded bytes, unchanged (tfds only; far smaller for the JPEG sets)")  # fmt: skip
+                   help="build mode: png = decoded pixels as PNG (default); source = each TFDS record's or "
+                        "image file's own encoded bytes, unchanged (tfds and the *-folder formats; far smaller "
+                        "for the JPEG sets)")  # fmt: skip
     s.set_defaults(fn=cmd_prepare_vtab)
 
     s = sub.add_parser("prepare-manyshot", help="many-shot subsets by training-set size (stratified, nested, seeded)")

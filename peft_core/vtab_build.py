@@ -14,23 +14,26 @@ Writes ``<out>/<dataset>/{train800,val200,train800val200,test}.txt`` (lines
   which images a split holds. **These are the official VTAB-1k images**, given the
   TFDS version the reference code names (peft_core/vtab_splits.py; the manifest
   records the version found).
-- ``cifar-binary`` (cifar100 only): the ``cifar-100-binary`` archive's ``train.bin``
-  / ``test.bin``, records of 1 coarse + 1 fine label byte + 3072 pixel bytes
-  (R, G, B planes of 32x32), read as bytes (no pickle).
-- ``svhn-mat`` (svhn only): the cropped digits ``train_32x32.mat`` / ``test_32x32.mat``
-  (``X`` of shape 32x32x3xN, ``y`` with 10 meaning the digit 0), read with scipy.
+- the original archives, one data set each (peft_core/vtab_archives.py documents
+  the layouts and cites the TFDS builders whose splits and labels they follow):
+  ``cifar-binary`` (cifar100), ``svhn-mat`` (svhn), the image folders with their
+  official split lists ``dtd-folder``, ``flowers102-folder``, ``pets-folder``,
+  ``eurosat-folder``, ``resisc45-folder``, ``caltech101-folder``, and the arrays
+  ``dsprites-npz`` (dsprites_loc / _ori), ``smallnorb-mat`` (smallnorb_azi / _ele).
 
-The archives are in their distribution order, which is not TFDS's order (TFDS
-shuffles records when it prepares a data set), so the archive formats give
-VTAB-1k-*style* splits (the same slices over another order: other images), not
-the official ones; the manifest says so (``official: false``).
+The archives are in their distribution order (CIFAR, SVHN) or ordered by a
+fixed rule (the others: sha256 of each file's name or record's index), which is
+not TFDS's order (TFDS shuffles records when it prepares a data set), so the
+archive formats give VTAB-1k-*style* splits (the same slices over another
+order: other images), not the official ones; the manifest says so
+(``official: false``) and states the order.
 
 Images are stored at their native size (no resize: the cache step resizes),
 as PNG written by Pillow with fixed options and no metadata, so the same inputs
 give byte-identical files with the same Pillow and zlib; ``pixels_sha256`` in
 the manifest hashes the decoded pixels of each split, independent of the PNG
-encoder. ``image_encoding="source"`` (tfds only) instead stores each record's
-own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
+encoder. ``image_encoding="source"`` (tfds and the image folders) instead stores
+each record's or file's own encoded image bytes unchanged (``.jpg`` / ``.png`` by their magic number):
 far smaller for the JPEG sets (sun397, retinopathy), and the pixels are those
 of the official records as any decoder reads them; ``pixels_sha256`` then
 hashes those bytes. Grayscale stays grayscale (the cache step converts to RGB, as the
@@ -44,8 +47,7 @@ import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,45 +56,15 @@ from .errors import InputError
 from .manyshot import write_atomic
 from .tfrecord import count_records, parse_example, read_records
 from .vtab import SPLITS
+from .vtab_archives import DATASETS as ARCHIVE_DATASETS
+from .vtab_archives import OPENERS as ARCHIVE_OPENERS
+from .vtab_archives import RAW_PIXEL_FORMATS, Source, decode_image, sha_file
 from .vtab_splits import SPLIT_NAMES, TASK_ADAPTATION_COMMIT, TASK_ADAPTATION_REPO, TASKS, VtabTask
 from .vtab_splits import resolve_split, resolved_slices, task_label
 
 FORMAT = "peft-core vtab build v1"
-SOURCE_FORMATS = ("tfds", "cifar-binary", "svhn-mat")
 PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
 IMAGE_ENCODINGS = ("png", "source")
-# an example: index within its TFDS split, pixels (H x W or H x W x 3 uint8) or encoded bytes, label
-Reader = Callable[[str, list[int]], Iterator[tuple[int, "np.ndarray | bytes", int]]]
-
-
-@dataclass(frozen=True)
-class Source:
-    counts: dict[str, int]  # TFDS split name -> number of records
-    read: Reader  # (split, sorted indices) -> examples in index order
-    official: bool
-    record: dict  # what the manifest says about the source
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _decode(data: bytes, scale: int) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("L" if img.mode in ("1", "LA", "I", "I;16") else "RGB")
-        arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    return arr * np.uint8(scale) if scale != 1 else arr
 
 
 # ---------------------------------------------------------------- tfds
@@ -163,72 +135,17 @@ def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Sourc
                     label = task_label(task, features)
                 except (KeyError, ValueError) as err:
                     raise InputError(f"{shard}: record {j}: no {task.label} label ({err}); another data set?") from None
-                yield offset + j, image if keep_encoded else _decode(image, task.image_scale), label
+                yield offset + j, image if keep_encoded else decode_image(image, task.image_scale), label
             offset += n
 
     record = {"tfds_dir": str(folder), "tfds_name": task.tfds_name, "tfds_version": folder.name,
-              "dataset_info_sha256": _sha_file(info_path),
+              "dataset_info_sha256": sha_file(info_path),
               "shards": {s: [p.name for p in _shards(folder, s)] for s in shard_lengths}}  # fmt: skip
     return Source({s: sum(v) for s, v in shard_lengths.items()}, read, True, record)
 
 
-# ---------------------------------------------------------------- original archives
-
-CIFAR_RECORD = 2 + 3072
-
-
-def _find(path: Path, names: tuple[str, ...], sub: str) -> dict[str, Path]:
-    folder = path / sub if (path / sub).is_dir() else path
-    files = {n: folder / n for n in names}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise InputError(f"{missing[0]}: not found (the extracted {sub} archive)")
-    return files
-
-
-def cifar_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
-    files = _find(path, ("train.bin", "test.bin"), "cifar-100-binary")
-    counts = {}
-    for split, f in (("train", files["train.bin"]), ("test", files["test.bin"])):
-        size = f.stat().st_size
-        if size % CIFAR_RECORD:
-            raise InputError(f"{f}: {size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-100 records")
-        counts[split] = size // CIFAR_RECORD
-
-    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
-        with open(files[f"{split}.bin"], "rb") as f:
-            for i in indices:
-                f.seek(i * CIFAR_RECORD)
-                rec = f.read(CIFAR_RECORD)
-                pixels = np.frombuffer(rec[2:], dtype=np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
-                yield i, np.ascontiguousarray(pixels), rec[1]  # rec[0]: coarse label, rec[1]: fine label
-
-    return Source(counts, read, False, {"files": {n: _sha_file(p) for n, p in files.items()}})
-
-
-def svhn_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Source:
-    from scipy.io import loadmat
-
-    files = _find(path, ("train_32x32.mat", "test_32x32.mat"), "svhn")
-    data = {}
-    for split in ("train", "test"):
-        mat = loadmat(files[f"{split}_32x32.mat"])
-        x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
-        if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-            raise InputError(f"{files[f'{split}_32x32.mat']}: X {x.shape} / y {y.shape} are not SVHN's 32x32x3xN / N")
-        data[split] = (x, np.where(y == 10, 0, y).astype(np.int64))  # label 10 is the digit 0
-
-    def read(split: str, indices: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
-        x, y = data[split]
-        for i in indices:
-            yield i, np.ascontiguousarray(x[:, :, :, i].astype(np.uint8)), int(y[i])
-
-    counts = {s: len(y) for s, (_, y) in data.items()}
-    return Source(counts, read, False, {"files": {n: _sha_file(p) for n, p in files.items()}})
-
-
-OPENERS = {"tfds": tfds_source, "cifar-binary": cifar_source, "svhn-mat": svhn_source}
-ARCHIVE_DATASETS = {"cifar-binary": "cifar100", "svhn-mat": "svhn"}
+OPENERS = {"tfds": tfds_source, **ARCHIVE_OPENERS}
+SOURCE_FORMATS = tuple(OPENERS)
 
 
 # ---------------------------------------------------------------- the build
@@ -269,14 +186,15 @@ def build(source_format: str, source: str | Path, dataset: str, out: str | Path,
     if dataset not in TASKS:
         raise InputError(f"--dataset: {dataset!r} is not a VTAB-1k data set ({', '.join(TASKS)})")
     only = ARCHIVE_DATASETS.get(source_format)
-    if only and dataset != only:
-        raise InputError(f"--source-format {source_format} holds {only} only, not {dataset}")
+    if only and dataset not in only:
+        raise InputError(f"--source-format {source_format} holds {' / '.join(only)} only, not {dataset}")
     if image_encoding not in IMAGE_ENCODINGS:
         raise InputError(f"--image-encoding: {image_encoding!r} is not one of {', '.join(IMAGE_ENCODINGS)}")
     task = TASKS[dataset]
     keep = image_encoding == "source"
-    if keep and (source_format != "tfds" or task.image_scale != 1):
-        why = "the archives hold raw pixels" if source_format != "tfds" else f"{dataset}'s pixels are rescaled"
+    raw = source_format in RAW_PIXEL_FORMATS
+    if keep and (raw or task.image_scale != 1):
+        why = "the archive holds raw pixels" if raw else f"{dataset}'s pixels are rescaled"
         raise InputError(f"--image-encoding source: not for {source_format} / {dataset} ({why}); use png")
     source = Path(source)
     if not source.exists():
@@ -323,7 +241,7 @@ def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep)
 
     order = ("TFDS record order (shards in order, records in order): the official VTAB-1k images"
              if src.official else
-             "archive order, not TFDS's: VTAB-1k-style splits (the official slices over another order), "
+             f"{src.order}, not TFDS's: VTAB-1k-style splits (the official slices over another order), "
              "not the official images")  # fmt: skip
     return {
         "format": FORMAT,
@@ -338,7 +256,7 @@ def _manifest(task, dataset, source_format, src, slices, texts, pixel_sha, keep)
         "labels": f"{task.label} (task_adaptation/data/{task.source})",
         "task_adaptation": {"repo": TASK_ADAPTATION_REPO, "commit": TASK_ADAPTATION_COMMIT,
                             "file": f"task_adaptation/data/{task.source.split(' ')[0]}"},  # fmt: skip
-        "image_encoding": "source: each TFDS record's encoded image bytes, unchanged" if keep else
+        "image_encoding": "source: each record's or file's encoded image bytes, unchanged" if keep else
                           f"PNG (Pillow {PIL.__version__}, compress_level=6, no metadata); grayscale kept as L",
         "pixels_sha256_of": "the stored encoded bytes" if keep else "the decoded pixels (shape + bytes)",
         "pixel_transform": "none" if task.image_scale == 1 else f"x{task.image_scale} (0/1 pixels, as the reference preprocess)",
