@@ -25,6 +25,14 @@ def _cmd(cell, out):
     return [sys.executable, "-m", "peft_core.cli", *toycell.train_args(cell, out)]
 
 
+def _pack_cmd(cells) -> list[str]:
+    """`train-pack` of ``cells`` on the toy inputs (code stamp code.sha256, cells under cells/)."""
+    return [sys.executable, "-m", "peft_core.cli", "train-pack", "--spec-json", *[c.canonical_json() for c in cells],
+            "--train-data", "train.pt", "--eval-data", "eval.pt", "--checkpoint", "backbone.safetensors",
+            "--code-stamp", "code.sha256", "--cells-root", "cells", "--manifest", "pack.json", "--threads", "1",
+            "--device", "cpu"]  # fmt: skip
+
+
 def _env():
     """This checkout's peft_core, run in-process (no fork server)."""
     env = {k: v for k, v in os.environ.items() if k != "PEFT_CORE_SERVER"}
@@ -80,10 +88,7 @@ def test_kill_9_mid_pack_leaves_nothing_that_looks_complete_and_the_rerun_reuses
     (tmp_path / "code.sha256").write_text("abc  train.py\n")
     cells = [toycell.spec("lora", {"rank": 2}, epochs=6, lr=lr) for lr in (1e-2, 1e-3)]
     first, second = (cell_path(tmp_path / "cells", c) for c in cells)
-    argv = [sys.executable, "-m", "peft_core.cli", "train-pack", "--spec-json", *[c.canonical_json() for c in cells],
-            "--train-data", "train.pt", "--eval-data", "eval.pt", "--checkpoint", "backbone.safetensors",
-            "--code-stamp", "code.sha256", "--cells-root", "cells", "--manifest", "pack.json", "--threads", "1",
-            "--device", "cpu"]  # fmt: skip
+    argv = _pack_cmd(cells)
     log = tmp_path / "pack.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=err, stderr=subprocess.STDOUT)
@@ -120,10 +125,7 @@ def test_usr1_before_training_starts_is_kept_for_the_first_epoch_end(tmp_path):
     toycell.write_inputs(tmp_path, n_train=512)
     (tmp_path / "code.sha256").write_text("abc  train.py\n")
     cell = toycell.spec("lora", {"rank": 2}, epochs=6)
-    argv = [sys.executable, "-m", "peft_core.cli", "train-pack", "--spec-json", cell.canonical_json(),
-            "--train-data", "train.pt", "--eval-data", "eval.pt", "--checkpoint", "backbone.safetensors",
-            "--code-stamp", "code.sha256", "--cells-root", "cells", "--manifest", "pack.json", "--threads", "1",
-            "--device", "cpu"]  # fmt: skip
+    argv = _pack_cmd([cell])
     log = tmp_path / "pack.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=err, stderr=subprocess.STDOUT)
