@@ -120,3 +120,20 @@ def test_config_names_the_field_and_halving_keeps_the_grid_cell_ids(tiny):
         with pytest.raises(InputError) as err:
             load_study({**tiny, "tuning": {**tiny["tuning"], **bad}})
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_selection_cost_in_training_images():
+    from peft_core.halving import halving_selection, last_rung_cells
+    from peft_core.select import grid_selection
+
+    cells = [toycell.spec(lr=lr, epochs=6) for lr in (1e-3, 1e-2)]
+    assert grid_selection([(c, {"n_train": 800}) for c in cells]) == {"strategy": "grid", "selection_images": 9600}
+    assert grid_selection([(cells[0], {})])["selection_images"] is None  # a cell recorded before n_train
+    rankings = [{"rung": 0, "epochs": 2, "images": 3200, "ranked": [{}, {}]},
+                {"rung": 1, "epochs": 6, "images": 3200, "ranked": [{"dir": "a", "spec": {"epochs": 6}}]}]  # fmt: skip
+    sel = halving_selection(rankings)
+    assert sel["strategy"] == "halving" and sel["selection_images"] == 6400
+    assert [(r["epochs"], r["configurations"]) for r in sel["rungs"]] == [(2, 2), (6, 1)]
+    assert last_rung_cells(rankings) == ["a"]
+    with pytest.raises(InputError, match="not the cells' full budget"):
+        last_rung_cells([{**rankings[1], "epochs": 4}])
