@@ -137,3 +137,23 @@ def test_selection_cost_in_training_images():
     assert last_rung_cells(rankings) == ["a"]
     with pytest.raises(InputError, match="not the cells' full budget"):
         last_rung_cells([{**rankings[1], "epochs": 4}])
+
+
+def test_a_preempted_rung_resumes_from_its_saved_state(tmp_path):
+    """A state with no rung record at its epoch (a preemption, SIGTERM at an epoch end) is resumed,
+    as run_cell always did; the rung then ends at its budget with the straight-through record."""
+    toycell.write_inputs(tmp_path, n_train=64)
+    cell = toycell.spec("lora", {"rank": 2}, epochs=4)
+    log: list[str] = []
+    train = _train(tmp_path, log)
+    straight = run_rung([cell], 3, train, tmp_path / "a", "c1", tmp_path / "a.json", log.append)
+    out = tmp_path / "b" / cell.dataset / cell.method / cell.cell_id
+    train(cell, out, 1)  # what a preemption after epoch 1 leaves: resume.pt, no record
+    assert (out / "resume.pt").is_file() and not rung_record_path(out, 1).exists()
+    log.clear()
+    resumed = run_rung([cell], 3, train, tmp_path / "b", "c1", tmp_path / "b.json", log.append)
+    assert any(m.startswith("resumed from") and "at epoch 2" in m for m in log)
+    assert resumed[0]["accuracy"] == straight[0]["accuracy"]
+    a, b = (torch.load(d / cell.dataset / cell.method / cell.cell_id / "resume.pt", weights_only=True)
+            for d in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
+    assert a["epoch"] == b["epoch"] == 3 and all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
