@@ -40,6 +40,20 @@ def test_plan_has_every_rung_as_a_job(tmp_path):
     assert jobs["train_pack"] == 0 and jobs["select_config"] == jobs["train_final"] == 1
 
 
+def test_plan_of_a_prestep_method_gives_each_promoted_slot_its_own_job(tmp_path):
+    """SCT's cells need their own prestep result: a later rung trains one slot per job."""
+    copy_code(tmp_path)
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny_prestep.yaml").read_text())
+    cfg["methods"] = {"sct": {"channels": [4, 8, 16]}}
+    cfg["train"]["epochs"] = 3
+    cfg["tuning"] = {"strategy": "halving", "eta": 2, "min_epochs": 1}  # budgets 1, 2, 3; sizes 3, 2, 1
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(tmp_path, tmp_path / "study.yaml", dryrun=True)
+    promoted = sorted(o.split("/rungs/digits/sct/")[1] for j in jobs if j["rule"] == "train_promoted" for o in j["output"])
+    assert promoted == ["r1/c0.json", "r1/c1.json", "r2/c0.json"]
+    assert _rules(jobs)["rank_rung"] == 3 and _rules(jobs)["train_rung"] == 3
+
+
 @pytest.mark.slow
 def test_run_promotes_resumes_and_shares_cells_with_the_grid(tmp_path):
     work = _workdir(tmp_path)

@@ -190,9 +190,8 @@ def _final_presteps(specs):
 
 PRESTEPS = {}  # result path -> PrestepSpec
 FINAL_PRESTEPS = {}  # (dataset, method) -> result paths of every tuning configuration
-TUNE_PRESTEPS = (
-    {}
-)  # (dataset, method) -> the tuning cells' results (a halving rung picks its cell's)
+# (dataset, method) -> the tuning cells' results (a later halving rung picks its cell's)
+TUNE_PRESTEPS = {}
 for (_d, _m), _specs in TUNE.items():
     if _m in PRESTEP_METHODS:
         _finals = _final_presteps(_specs)
