@@ -28,6 +28,14 @@ def _workdir(tmp_path):
     return tmp_path
 
 
+def _new_packs(before: dict, after: dict) -> list[str]:
+    from peft_core.config import load_study
+    from peft_core.packs import group_into_packs, pack_id
+
+    ids = lambda cfg: [pack_id(p) for p in group_into_packs(load_study(cfg).tuning_cells("digits", "lora"))]  # noqa: E731
+    return [p for p in ids(after) if p not in ids(before)]
+
+
 def _rules(jobs) -> Counter:
     return Counter(j["rule"] for j in jobs)
 
@@ -78,6 +86,12 @@ def test_run_promotes_resumes_and_shares_cells_with_the_grid(tmp_path):
     assert run_in_subprocess(work, config, dryrun=True) == []
 
     cfg = yaml.safe_load(config.read_text())
+    edited = {**cfg, "methods": {"lora": {"rank": [1, 2, 4, 8]}}}  # a new configuration: one new rung-0 pack
+    config.write_text(yaml.safe_dump(edited))
+    jobs = run_in_subprocess(work, config, dryrun=True)
+    assert [o for j in jobs if j["rule"] == "train_rung" for o in j["output"]] == [
+        f"{RES}/rungs/digits/lora/r0/{p}.json" for p in _new_packs(cfg, edited)]  # fmt: skip
+    assert _rules(jobs)["train_promoted"] == 2  # ceil(8 / 3) = 3 promoted, in chunks of a pack's 2
     del cfg["tuning"]  # the same study as a grid: the same cells
     config.write_text(yaml.safe_dump(cfg))
     jobs = _rules(run_in_subprocess(work, config))
