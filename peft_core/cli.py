@@ -203,8 +203,22 @@ def _final_specs(a) -> list:
     return final_cells(_spec(json.dumps(chosen)), a.final_seeds, a.final_train, a.final_eval)
 
 
+def _promoted(a) -> list:
+    """``--ranking FILE --slots A B``: the configurations a halving rung takes from the rung before."""
+    from .halving import promoted_specs
+    from .results import read_json
+
+    if not Path(a.ranking).is_file():
+        raise InputError(f"{a.ranking}: file not found")
+    if not a.slots or a.budget is None:
+        raise InputError("--ranking needs --slots and --budget")
+    return [_spec(json.dumps(s)) for s in promoted_specs(read_json(a.ranking), *a.slots)]
+
+
 def cmd_train_pack(a) -> int:
-    specs = [_spec(raw) for raw in a.spec_json] if a.spec_json else _final_specs(a)
+    specs = [_spec(raw) for raw in a.spec_json] if a.spec_json else _promoted(a) if a.ranking else _final_specs(a)
+    if not specs:
+        raise InputError("train-pack: no cells to train")
     code = _check_inputs(a)
     if len({(s.train_split, s.eval_split) for s in specs}) != 1:
         raise InputError("train-pack: every cell of a pack must read the same train and eval splits")
@@ -220,17 +234,22 @@ def cmd_train_pack(a) -> int:
     inputs = cell_inputs(s0.train_split, a.train_data, s0.eval_split, a.eval_data, a.checkpoint, memo, prestep,
                          features)  # fmt: skip
 
-    def train_one(spec, out):
+    def train_one(spec, out, stop_at=None):
         return run_cell(
             spec, a.train_data, a.eval_data, a.checkpoint, out, a.threads, a.device, code=code, inputs=inputs,
-            prestep=prestep, features=features,
+            prestep=prestep, features=features, stop_at=stop_at,
         )
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log, inputs)
+        if a.budget is not None:  # a successive-halving rung (peft_core/halving.py)
+            from .halving import run_rung
+
+            rows = run_rung(specs, a.budget, train_one, a.cells_root, code, a.manifest, log, inputs)
+        else:
+            rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log, inputs)
     except Preempted:
         return PREEMPTED_EXIT
     trained = sum(not r["reused"] for r in rows)
@@ -307,13 +326,29 @@ def _cell_args(s) -> None:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
+def cmd_rank_rung(a) -> int:
+    from .halving import ranking
+    from .results import write_json
+
+    result = ranking([Path(m) for m in a.manifests], a.eval_split, a.rung, a.previous, a.promote)
+    write_json(a.out, result)
+    print(f"{a.out}: {len(result['ranked'])} ranked at {result['epochs']} epochs, top {result['promote']} continue")
+    return 0
+
+
 def cmd_select(a) -> int:
     from .config import CellSpec
+    from .halving import halving_selection, last_rung_cells
     from .results import METRICS, SPEC, read_json, write_json
-    from .select import select
+    from .select import grid_selection, select
 
-    cands = [(CellSpec.model_validate(read_json(Path(c) / SPEC)), read_json(Path(c) / METRICS)) for c in a.cells]
+    rankings = [read_json(r) for r in a.rankings or []]
+    cells = last_rung_cells(rankings) if rankings else a.cells
+    if not cells:
+        raise InputError("select: give --cells (grid) or --rankings (halving)")
+    cands = [(CellSpec.model_validate(read_json(Path(c) / SPEC)), read_json(Path(c) / METRICS)) for c in cells]
     result = select(cands, a.eval_split)
+    result.update(halving_selection(rankings) if rankings else grid_selection(cands))
     write_json(a.out, result)
     print(f"{a.out}: chose {result['chosen']} (val acc {result['val_accuracy']})")
     return 0
@@ -325,8 +360,10 @@ def cmd_aggregate(a) -> int:
 
     # final runs: the cells listed, in seed order, by each `train-pack --selection` manifest
     finals = [Path(row["dir"]) for m in a.finals for row in read_json(m)["cells"]]
+    # halving: the tuning cells trained to the full budget are those of each last rung's ranking
+    tuned = [*a.cells, *(row["dir"] for r in a.rankings for row in read_json(r)["ranked"])]
     frame = aggregate_dataset(
-        a.study, a.group, a.final_eval, [Path(c) for c in a.cells] + finals, [Path(s) for s in a.selections], Path(a.out)
+        a.study, a.group, a.final_eval, [Path(c) for c in tuned] + finals, [Path(s) for s in a.selections], Path(a.out)
     )
     print(f"{a.out}: {len(frame)} rows")
     return 0
@@ -568,6 +605,9 @@ def parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--spec-json", nargs="+", help="cell specs as JSON strings, in order")
     g.add_argument("--selection", help="`select` output: train its chosen configuration's final runs")
+    g.add_argument("--ranking", help="`rank-rung` output: train the configurations it promotes (with --slots)")
+    s.add_argument("--slots", type=int, nargs=2, metavar=("FIRST", "END"), help="with --ranking: ranked positions")
+    s.add_argument("--budget", type=int, help="a halving rung: train each cell up to this epoch (peft_core/halving.py)")
     s.add_argument("--final-seeds", type=int, nargs="+", help="with --selection: one final run per seed")
     s.add_argument("--final-train", help="with --selection: the final runs' training split")
     s.add_argument("--final-eval", help="with --selection: the final runs' evaluation split")
@@ -600,8 +640,18 @@ def parser() -> argparse.ArgumentParser:
     _cell_args(s)
     s.set_defaults(fn=cmd_features)
 
+    s = sub.add_parser("rank-rung", help="rank a halving rung's cells by validation accuracy (ties: cell id)")
+    s.add_argument("--manifests", nargs="+", required=True, help="the rung's `train-pack --budget` manifests")
+    s.add_argument("--eval-split", required=True)
+    s.add_argument("--rung", type=int, required=True)
+    s.add_argument("--previous", type=int, required=True, help="the previous rung's budget (0 for the first)")
+    s.add_argument("--promote", type=int, required=True, help="how many continue to the next rung")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_rank_rung)
+
     s = sub.add_parser("select", help="choose a configuration by validation accuracy")
-    s.add_argument("--cells", nargs="+", required=True, help="tuning cell directories, in listed order")
+    s.add_argument("--cells", nargs="+", help="grid: tuning cell directories, in listed order")
+    s.add_argument("--rankings", nargs="+", help="halving: every rung's `rank-rung` output (the last rung's cells compete)")
     s.add_argument("--eval-split", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_select)
@@ -610,7 +660,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--study", required=True)
     s.add_argument("--group", required=True)
     s.add_argument("--final-eval", required=True, help="split name that marks final runs")
-    s.add_argument("--cells", nargs="+", required=True, help="cell directories (the tuning cells)")
+    s.add_argument("--cells", nargs="*", default=[], help="cell directories (the tuning cells)")
+    s.add_argument("--rankings", nargs="*", default=[], help="halving: the last rung's ranking per method")
     s.add_argument("--finals", nargs="*", default=[], help="final-run manifests of `train-pack --selection`")
     s.add_argument("--selections", nargs="*", default=[])
     s.add_argument("--out", required=True)

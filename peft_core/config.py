@@ -237,6 +237,19 @@ class TrainConfig(Strict):
         return v if isinstance(v, list) else [v]
 
 
+class TuningConfig(Strict):
+    """How the tuning grid is searched (peft_core/halving.py); selection stays on validation only."""
+
+    strategy: Literal["grid", "halving"] = Field(
+        "grid",
+        description="grid: every tuning cell trains train.epochs (the reference protocol); halving: successive "
+        "halving, every configuration trains min_epochs, the top 1/eta by validation accuracy continue to eta "
+        "times the budget, up to train.epochs (our addition, docs/deviations.md)",
+    )
+    eta: int = Field(3, ge=2, description="halving: keep the top ceil(n / eta) configurations of each rung")
+    min_epochs: int = Field(1, ge=1, description="halving: the first rung's budget (epochs); <= train.epochs")
+
+
 class TrainResources(Strict):
     threads: int = Field(1, ge=1, description="torch threads per training job (Snakemake `threads`)")
     gpu: int = Field(0, ge=0, description="GPUs per training job (SLURM --gpus)")
@@ -345,6 +358,7 @@ def study_model() -> type[BaseModel]:
         datasets=(dict[Annotated[str, Field(pattern=NAME)], DatasetSpec], Field(min_length=1)),
         methods=(methods_model(), ...),
         train=(TrainConfig, Field(default_factory=TrainConfig)),
+        tuning=(TuningConfig, Field(default_factory=TuningConfig)),
         compute=(ComputeConfig, Field(default_factory=ComputeConfig)),
         published=(PathStr | None, Field(None, description="CSV of published accuracies shown beside ours")),
         robustness=(
@@ -604,6 +618,9 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
         raise InputError(format_validation_error(err)) from None
     check_ood(study)
     check_shared_tests(study)
+    tuning, epochs = study.cfg.tuning, study.cfg.train.epochs
+    if tuning.strategy == "halving" and tuning.min_epochs > epochs:
+        raise InputError(f"tuning.min_epochs: {tuning.min_epochs} exceeds train.epochs ({epochs})")
     if study.cfg.train.pace is not None:
         from .pace import check_method
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from .config import CellSpec, cell_hash
 from .fingerprint import changed_inputs
-from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, read_json, write_json
+from .results import METRICS, PREDICTIONS, RESUME, SPEC, WEIGHTS, read_json, write_json
 
 CELL_FILES = (SPEC, PREDICTIONS, WEIGHTS, METRICS)
 
@@ -88,15 +88,49 @@ def reuse_verdict(
         metrics = read_json(cell_dir / METRICS)
     except (OSError, ValueError):
         return None, "metrics.json unreadable"
-    if metrics.get("cell") != spec.cell_id:
-        return None, "metrics.json of another cell"
-    if metrics.get("code") != code:
-        return None, "code changed"
-    if inputs is not None:
-        why = changed_inputs(metrics.get("inputs"), inputs)
-        if why:
-            return None, ", ".join(why)
-    return metrics, ""
+    why = record_verdict(metrics, spec, code, inputs)
+    return (None, why) if why else (metrics, "")
+
+
+def record_verdict(record: dict[str, Any], spec: CellSpec, code: str | None, inputs: dict | None) -> str:
+    """"" if a record (metrics.json, or a halving rung's record) is of this cell, code and inputs, else why not."""
+    if record.get("cell") != spec.cell_id:
+        return "metrics.json of another cell"
+    if record.get("code") != code:
+        return "code changed"
+    return ", ".join(changed_inputs(record.get("inputs"), inputs)) if inputs is not None else ""
+
+
+def rung_record_path(cell_dir: Path, epochs: int) -> Path:
+    """The validation record of a cell trained to ``epochs`` by a halving rung (peft_core/halving.py)."""
+    return cell_dir / "rungs" / f"e{epochs}.json"
+
+
+def stale_resume(cell_dir: Path, spec: CellSpec, budget: int, code: str | None, inputs: dict | None) -> str:
+    """Why the saved state ``resume.pt`` must not seed training up to ``budget`` epochs ("" if it may).
+
+    A halving rung leaves its state there, with a record of the code and inputs that made it
+    (:func:`rung_record_path`); a state of other code or inputs, or past the budget, is dropped.
+    A preempted cell's state has no record and is resumed as before.
+    """
+    path = cell_dir / RESUME
+    if not path.is_file():
+        return ""
+    import torch
+
+    epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0)
+    if epoch >= budget:
+        return f"its saved state is at epoch {epoch}, not before {budget}"
+    record = rung_record_path(cell_dir, epoch)
+    why = record_verdict(read_json(record), spec, code, inputs) if record.is_file() else ""
+    return f"its saved state of epoch {epoch} is stale: {why}" if why else ""
+
+
+def drop_stale_resume(cell_dir: Path, spec: CellSpec, budget: int, code, inputs, log: Callable[[str], None]) -> None:
+    why = stale_resume(cell_dir, spec, budget, code, inputs)
+    if why:
+        log(f"{cell_dir}: training from scratch ({why})")
+        (cell_dir / RESUME).unlink()
 
 
 def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None = None):
@@ -146,6 +180,7 @@ def run_pack(
                 log(f"{name}: reused (same spec, code and inputs)")
             else:
                 log(f"{name}: training ({why})")
+                drop_stale_resume(out, spec, spec.epochs, code, inputs, log)
                 metrics = train_cell(spec, out)
         rows.append(
             {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],

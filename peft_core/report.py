@@ -118,8 +118,12 @@ def aggregate_dataset(
     study: str, group: str, final_eval: str, cell_dirs: list[Path], selections: list[Path], out: Path
 ) -> pd.DataFrame:
     """One row per cell of one data set; ``selected`` marks the chosen tuning cells."""
-    chosen = {read_json(p)["chosen"] for p in selections}
-    frame = uniform_hparams(pd.DataFrame([cell_row(Path(d), study, group, final_eval, chosen) for d in cell_dirs]))
+    sels = {sel["chosen"]: sel for sel in map(read_json, selections)}
+    frame = uniform_hparams(pd.DataFrame([cell_row(Path(d), study, group, final_eval, set(sels)) for d in cell_dirs]))
+    # which strategy chose the configuration, and the training images the choice cost (peft_core/halving.py)
+    picked = [sels.get(c) if chosen else None for c, chosen in zip(frame.cell, frame.selected)]
+    frame["selected_by"] = [p.get("strategy", "grid") if p else None for p in picked]
+    frame["selection_images"] = pd.array([p.get("selection_images") if p else None for p in picked], dtype="Int64")
     write_parquet(out, frame)
     return frame
 
@@ -135,6 +139,7 @@ def selection_frame(results: pd.DataFrame, study: Study | None = None) -> pd.Dat
         tune = tune.assign(_o=[rank.get((d, m), len(rank)) for d, m in zip(tune.dataset, tune.method)])
         tune = tune.sort_values("_o").drop(columns="_o")
     cols = ["dataset", "method", "hparams", "lr", "weight_decay", "accuracy", "trainable_params", "eval_split"]
+    cols += [c for c in ("selected_by", "selection_images") if c in tune.columns]
     out = tune[cols].rename(columns={"accuracy": "val_accuracy", "eval_split": "selected_on"}).copy()
     out["val_accuracy"] = out.val_accuracy * 100
     grid = results[results.stage == "tune"].groupby(["dataset", "method"]).accuracy
@@ -155,6 +160,11 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def _params_m(params: float) -> str:
     """Millions with 4 significant digits: 85.8, 0.2949, 0.002944 (PEFT counts span 5 decades)."""
     return "–" if math.isnan(params) else f"{params / 1e6:.4g}"
+
+
+def _images_m(images: Any) -> str:
+    """Training images a selection cost, in millions (the hole mark where unrecorded)."""
+    return HOLE if images is None or pd.isna(images) else f"{images / 1e6:.3g}"
 
 
 def _md_table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> str:
@@ -212,11 +222,13 @@ def render_markdown(results: pd.DataFrame, study: Study) -> str:
     lines += _published_lines(summ, study, datasets, per, tuned_values(results))
     lines += ["## Selected configurations (validation accuracy, %)", ""]
     srows = [
-        [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}", _fmt(r.grid_spread, 1)]
+        [r.dataset, r.method, r.hparams, f"{r.lr:g}", f"{r.weight_decay:g}", _fmt(r.val_accuracy, 1), f"{int(r.grid_size)}",
+         _fmt(r.grid_spread, 1), getattr(r, "selected_by", None) or "grid", _images_m(getattr(r, "selection_images", None))]
         for r in sel.itertuples()
-    ]
+    ]  # fmt: skip
+    header = ["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread", "by", "images (M)"]
     lines += [
-        _md_table(["dataset", "method", "hyper-parameters", "lr", "wd", "val acc", "grid", "grid spread"], srows, 3),
+        _md_table(header, srows, 3),
         "",
     ]
     conv = convergence_text(convergence_frame(results))

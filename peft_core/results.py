@@ -23,6 +23,8 @@ from typing import Any
 SPEC, METRICS, PREDICTIONS = "spec.json", "metrics.json", "predictions.parquet"
 # Trained tensors of the cell (every parameter that trained, head included).
 WEIGHTS = "trainable.safetensors"
+# A cell's saved training state while it is not finished (preempted, or stopped at a halving rung's budget).
+RESUME = "resume.pt"
 
 
 def _umask() -> int:

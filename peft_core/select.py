@@ -56,3 +56,11 @@ def select(candidates: list[tuple[CellSpec, dict[str, Any]]], eval_split: str) -
             for s, m in candidates
         ],
     }
+
+
+def grid_selection(candidates: list[tuple[CellSpec, dict[str, Any]]]) -> dict[str, Any]:
+    """What a grid selection adds to the selection file: its cost in training images (every cell's
+    full budget on its training split; None for cells recorded before ``n_train`` was)."""
+    sizes = [m.get("n_train") for _, m in candidates]
+    images = None if None in sizes else sum(n * s.epochs for n, (s, _) in zip(sizes, candidates))
+    return {"strategy": "grid", "selection_images": images}

@@ -31,7 +31,7 @@ from .methods._common import count_backbone, count_head, count_trainable, traina
 from .metrics import ppt
 from .pace import Pace, check_method
 from .prestep import keep_in_cell, state_for_cell
-from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
+from .results import METRICS, PREDICTIONS, RESUME, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
 
 def lr_at(step: int, steps_per_epoch: int, spec: CellSpec) -> float:
@@ -131,30 +131,8 @@ class Outcome:
     images: int = 0
 
 
-RESUME = "resume.pt"
-
-
 class Preempted(Exception):
     """Raised after the training state was saved on SIGTERM/SIGUSR1 (peft_core/preempt.py)."""
-
-
-@contextmanager
-def rich_epoch_log(spec: CellSpec):
-    """Interactive runs: a `rich` progress bar over epochs (loss, img/s); logs stay plain lines otherwise."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn(f"{spec.dataset}/{spec.method}/{spec.cell_id}"), BarColumn(),
-               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("train", total=spec.epochs, status="")
-
-        def log(msg: str) -> None:
-            if msg.startswith("epoch "):
-                progress.update(task, advance=1, status=msg.split(" ", 2)[2])
-            else:
-                progress.console.print(msg)
-
-        yield log
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -219,9 +197,12 @@ def train(
     resume: Path | None = None,
     flag: dict | None = None,
     head: torch.nn.Module | None = None,
+    stop_at: int | None = None,
 ) -> Outcome:
     """Train ``model`` on images ``x``; with ``head``, ``x`` are the cached inputs of that
-    head (peft_core/features.py) and only the head runs: same parameters, draws and steps."""
+    head (peft_core/features.py) and only the head runs: same parameters, draws and steps.
+    ``stop_at``: a halving rung's budget (peft_core/halving.py): the state is saved to ``resume``
+    after that epoch and training stops there; the schedule stays that of ``spec.epochs``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec, x.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -269,8 +250,12 @@ def train(
         if not math.isfinite(epoch_loss):
             out.status, out.diverged_epoch = "diverged", epoch + 1
             break
-        if flag is not None and flag["hit"] and resume is not None and epoch + 1 < spec.epochs:
+        preempted = flag is not None and flag["hit"]
+        if (preempted or epoch + 1 == stop_at) and resume is not None and epoch + 1 < spec.epochs:
             save_resume(resume, spec, model, opt, gen, epoch + 1, step, out.images)
+            if not preempted:
+                log(f"budget of {stop_at} epochs reached: state saved to {resume}")
+                break
             log(f"preempted: state saved to {resume} after epoch {epoch + 1}")
             raise Preempted(str(resume))
     if pace is not None:
@@ -310,6 +295,7 @@ def run_cell(
     inputs: dict | None = None,
     prestep: str | Path | None = None,
     features: tuple[str | Path, str | Path] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; write spec.json, predictions.parquet, metrics.json.
 
@@ -319,15 +305,17 @@ def run_cell(
     methods that have one; it is copied into the cell directory.
     ``features``: the cached head inputs of the train and eval splits (peft_core/features.py),
     for a head-only method; used when the built model allows it, else the images are read.
+    ``stop_at`` < ``spec.epochs``: a halving rung; only the validation metrics are returned and
+    the state stays in ``resume.pt`` for the next rung (peft_core/halving.py).
     """
     import pandas as pd
 
     if log is None and sys.stderr.isatty():
+        from .progress import rich_epoch_log
+
         with rich_epoch_log(spec) as live:
-            return run_cell(
-                spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs, prestep,
-                features,
-            )
+            return run_cell(spec, train_data, eval_data, checkpoint, out_dir, threads, device, live, code, inputs,
+                            prestep, features, stop_at)  # fmt: skip
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -356,7 +344,7 @@ def run_cell(
 
     resume = out_dir / RESUME
     with preemption_flag() as flag:
-        outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag, head)
+        outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag, head, stop_at)
     t_trained = time.perf_counter()
 
     if outcome.status == "ok":
@@ -366,9 +354,13 @@ def run_cell(
     t_eval = time.perf_counter()
 
     labels = eval_split.labels.cpu()
+    accuracy = float((logits.argmax(1) == labels).float().mean()) if outcome.status == "ok" else float("nan")
+    n_train, trainable = int(len(train_split.labels)), count_trainable(model)
+    if stop_at is not None and stop_at < spec.epochs:
+        return {"cell": spec.cell_id, "status": outcome.status, "accuracy": accuracy, "eval_split": spec.eval_split,
+                "trainable_params": trainable, "n_train": n_train, "epochs": stop_at}  # fmt: skip
     if outcome.status == "ok":
         pred = logits.argmax(1)
-        accuracy = float((pred == labels).float().mean())
         write_parquet(
             out_dir / PREDICTIONS,
             pd.DataFrame(
@@ -381,10 +373,8 @@ def run_cell(
             ),
         )
     else:
-        accuracy = float("nan")
         write_parquet(out_dir / PREDICTIONS, pd.DataFrame({"index": [], "label": [], "pred": [], "logits": []}))
 
-    trainable = count_trainable(model)
     train_time = t_trained - t_loaded
     metrics = {
         "cell": spec.cell_id,
@@ -396,6 +386,7 @@ def run_cell(
         "eval_split": spec.eval_split,
         "accuracy": accuracy,
         "n_eval": int(len(labels)),
+        "n_train": n_train,
         "final_train_loss": outcome.final_loss,
         "final_train_accuracy": outcome.final_accuracy,
         "trainable_params": trainable,

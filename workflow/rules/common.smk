@@ -10,6 +10,7 @@ from peft_core.config import load_study
 from peft_core.errors import InputError
 from peft_core.features import CODE as FEATURE_SOURCES
 from peft_core.features import feature_spec, plan_reason
+from peft_core.halving import plan_rungs
 from peft_core.methods import get_method
 from peft_core.config import final_cells
 from peft_core.packs import group_into_packs, pack_id
@@ -47,6 +48,23 @@ PACKS = {
     for key, specs in TUNE.items()
 }
 PACK_SPECS = {pid: pack for packs in PACKS.values() for pid, pack in packs.items()}
+# Successive halving (tuning.strategy: halving; peft_core/halving.py): every rung is planned
+# here, with the number of configurations it trains; which ones, each job reads at run time
+# from the previous rung's ranking (no checkpoint). Rung 0 trains the packs above.
+HALVING = CFG.tuning.strategy == "halving"
+# A later rung's job trains ranked slots of any configuration: one per job for the
+# methods with a prestep (its cells must share one result), a pack's size otherwise.
+RUNGS = {
+    (d, m): plan_rungs(
+        list(packs.values()),
+        CFG.tuning.eta,
+        CFG.tuning.min_epochs,
+        CFG.train.epochs,
+        1 if get_method(m).prestep is not None else None,
+    )
+    for (d, m), packs in PACKS.items()
+    if HALVING
+}
 REPO = Path(workflow.basedir).parent
 # Rules run `python -m peft_core.cli` from the repository root, which imports
 # peft_core from the checkout: a rule's conda env needs only the dependencies.
@@ -93,6 +111,8 @@ wildcard_constraints:
     cell=r"[0-9a-f]{10}",
     pack=r"[0-9a-f]{10}",
     split=r"[A-Za-z0-9_]+",
+    rung=r"[0-9]+",
+    chunk=r"[0-9]+",
     key=r"[0-9a-f]{10}",
 
 
@@ -170,9 +190,12 @@ def _final_presteps(specs):
 
 PRESTEPS = {}  # result path -> PrestepSpec
 FINAL_PRESTEPS = {}  # (dataset, method) -> result paths of every tuning configuration
+# (dataset, method) -> the tuning cells' results (a later halving rung picks its cell's)
+TUNE_PRESTEPS = {}
 for (_d, _m), _specs in TUNE.items():
     if _m in PRESTEP_METHODS:
         _finals = _final_presteps(_specs)
+        TUNE_PRESTEPS[(_d, _m)] = list(_presteps(_specs))
         PRESTEPS.update(_presteps(_specs))
         PRESTEPS.update(_finals)
         FINAL_PRESTEPS[(_d, _m)] = list(_finals)
@@ -261,7 +284,11 @@ def pack_specs(wildcards):
 
 def train_inputs(wildcards):
     """Inputs of a tuning pack (all its cells share them)."""
-    spec = pack_specs(wildcards)[0]
+    return cell_inputs_of(pack_specs(wildcards)[0])
+
+
+def cell_inputs_of(spec):
+    """What a tuning cell reads: its splits, checkpoint, code stamp, prestep result, features."""
     out = {
         "train": cache_path(spec.dataset, spec.train_split),
         "eval": cache_path(spec.dataset, spec.eval_split),
@@ -273,6 +300,84 @@ def train_inputs(wildcards):
     if (spec.dataset, spec.method, "tune") in CELL_FEATURES:
         out["features"] = CELL_FEATURES[(spec.dataset, spec.method, "tune")]
     return out
+
+
+def rung_of(wildcards):
+    """The planned rung of a halving job (peft_core/halving.Rung)."""
+    rungs = RUNGS.get((wildcards.dataset, wildcards.method), [])
+    if int(wildcards.rung) >= len(rungs):
+        raise WorkflowError(
+            f"rung {wildcards.rung} of {wildcards.dataset}/{wildcards.method} is not in the plan"
+        )
+    return rungs[int(wildcards.rung)]
+
+
+def rung_manifest(dataset, method, rung, part):
+    return f"{RES}/rungs/{dataset}/{method}/r{rung}/{part}.json"
+
+
+def ranking_path(dataset, method, rung):
+    return f"{RES}/rungs/{dataset}/{method}/r{rung}.json"
+
+
+def rung_parts(wildcards):
+    """The manifests of one rung's jobs: what its ranking reads."""
+    rung = rung_of(wildcards)
+    return [
+        rung_manifest(wildcards.dataset, wildcards.method, rung.index, part)
+        for part in rung.parts
+    ]
+
+
+def promoted_inputs(wildcards):
+    """A later rung's chunk: the inputs of the method's packs, and the previous rung's ranking."""
+    rung = rung_of(wildcards)
+    if rung.index == 0 or f"c{wildcards.chunk}" not in rung.parts:
+        raise WorkflowError(
+            f"chunk {wildcards.chunk} of rung {rung.index} is not in the plan"
+        )
+    key = (wildcards.dataset, wildcards.method)
+    out = cell_inputs_of(TUNE[key][0])
+    out["ranking"] = ranking_path(wildcards.dataset, wildcards.method, rung.index - 1)
+    if key in TUNE_PRESTEPS:
+        out["prestep"] = TUNE_PRESTEPS[key]
+    return out
+
+
+def promoted_slots(wildcards):
+    return list(rung_of(wildcards).slots(f"c{wildcards.chunk}"))
+
+
+def rung_runtime(rung, cells):
+    """Minutes for ``cells`` cells trained up to the rung's budget (from scratch, at worst)."""
+    return max(
+        1, -(-CFG.compute.train.runtime * cells * rung.epochs // CFG.train.epochs)
+    )
+
+
+def tuning_outputs(dataset, method):
+    """What selection waits for: the tuning packs (grid) or every rung's ranking (halving)."""
+    if HALVING:
+        return [
+            ranking_path(dataset, method, r.index) for r in RUNGS[(dataset, method)]
+        ]
+    return pack_manifests(dataset, method)
+
+
+def selection_args(wildcards):
+    """Grid: every tuning cell competes; halving: the last rung's, read from the rankings."""
+    if HALVING:
+        return ["--rankings", *tuning_outputs(wildcards.dataset, wildcards.method)]
+    return ["--cells", *tuning_dirs(wildcards.dataset, wildcards.method)]
+
+
+def aggregate_cells(wildcards):
+    """The tuning cells of a data set's table: all of them (grid), or each last rung's (halving)."""
+    if HALVING:
+        return ["--rankings"] + [
+            tuning_outputs(wildcards.dataset, m)[-1] for m in METHODS
+        ]
+    return ["--cells"] + [d for m in METHODS for d in tuning_dirs(wildcards.dataset, m)]
 
 
 def final_inputs(wildcards):
@@ -323,7 +428,7 @@ def tuning_dirs(dataset, method):
 def dataset_inputs(wildcards):
     """What one data set's table waits for: its tuning packs and its final runs."""
     return {
-        "packs": [p for m in METHODS for p in pack_manifests(wildcards.dataset, m)],
+        "packs": [p for m in METHODS for p in tuning_outputs(wildcards.dataset, m)],
         "finals": [final_manifest(wildcards.dataset, m) for m in METHODS],
         "selections": [selection_path(wildcards.dataset, m) for m in METHODS],
     }

@@ -8,13 +8,13 @@ rule aggregate_dataset:
     conda:
         ENV
     params:
-        cells=lambda wc: [d for m in METHODS for d in tuning_dirs(wc.dataset, m)],
+        cells=aggregate_cells,
         group=lambda wc: CFG.datasets[wc.dataset].group,
         study=STUDY.name,
         final_eval=CFG.data.final_eval,
     shell:
         "python -m peft_core.cli aggregate --study {params.study:q} --group {params.group:q} "
-        "--final-eval {params.final_eval:q} --cells {params.cells:q} --finals {input.finals:q} "
+        "--final-eval {params.final_eval:q} {params.cells:q} --finals {input.finals:q} "
         "--selections {input.selections:q} "
         "--out {output:q} > {log:q} 2>&1"
 

@@ -2,7 +2,7 @@
 # command refuses any cell evaluated elsewhere.
 rule select_config:
     input:
-        lambda wc: pack_manifests(wc.dataset, wc.method),
+        lambda wc: tuning_outputs(wc.dataset, wc.method),
     output:
         f"{RES}/selection/{{dataset}}/{{method}}.json",
     log:
@@ -10,7 +10,27 @@ rule select_config:
     conda:
         ENV
     params:
-        cells=lambda wc: tuning_dirs(wc.dataset, wc.method),
+        cells=selection_args,
         split=CFG.data.tune_eval,
     shell:
-        "python -m peft_core.cli select --cells {params.cells:q} --eval-split {params.split:q} --out {output:q} > {log:q} 2>&1"
+        "python -m peft_core.cli select {params.cells:q} --eval-split {params.split:q} --out {output:q} > {log:q} 2>&1"
+
+
+# Successive halving (peft_core/halving.py): one rung's cells ranked by validation
+# accuracy (ties: cell id); the next rung's jobs read the top `promote` from it.
+rule rank_rung:
+    input:
+        rung_parts,
+    output:
+        f"{RES}/rungs/{{dataset}}/{{method}}/r{{rung}}.json",
+    log:
+        f"{LOGS}/rank_rung/{{dataset}}/{{method}}/r{{rung}}.log",
+    conda:
+        ENV
+    params:
+        split=CFG.data.tune_eval,
+        previous=lambda wc: rung_of(wc).previous,
+        promote=lambda wc: rung_of(wc).promote,
+    shell:
+        "python -m peft_core.cli rank-rung --manifests {input:q} --eval-split {params.split:q} --rung {wildcards.rung} "
+        "--previous {params.previous} --promote {params.promote} --out {output:q} > {log:q} 2>&1"

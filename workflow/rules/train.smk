@@ -144,3 +144,71 @@ rule train_final:
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
         "{params.prestep:q} {params.features:q} > {log:q} 2>&1"
+
+
+# Successive halving (tuning.strategy: halving; peft_core/halving.py). Rung 0: each
+# pack's cells trained up to the first budget (the schedule stays the full budget's;
+# the state is saved in the cell for the next rung). Same cells, same ids as the grid.
+rule train_rung:
+    input:
+        unpack(train_inputs),
+    output:
+        f"{RES}/rungs/{{dataset}}/{{method}}/r0/{{pack}}.json",
+    log:
+        f"{LOGS}/train_rung/{{dataset}}/{{method}}/r0/{{pack}}.log",
+    group:
+        "train"
+    conda:
+        ENV
+    threads: CFG.compute.train.threads
+    resources:
+        gpu=CFG.compute.train.gpu,
+        mem_mb=CFG.compute.train.mem_mb,
+        runtime=lambda wc: rung_runtime(
+            RUNGS[(wc.dataset, wc.method)][0], len(pack_specs(wc))
+        ),
+    params:
+        specs=lambda wc: [spec.canonical_json() for spec in pack_specs(wc)],
+        budget=lambda wc: RUNGS[(wc.dataset, wc.method)][0].epochs,
+        cells=f"{RES}/cells",
+        device=CFG.compute.train.device,
+        prestep=optional_args("--prestep", "prestep"),
+        features=optional_args("--features", "features"),
+    shell:
+        "python -m peft_core.cli train-pack --spec-json {params.specs:q} --budget {params.budget} "
+        "--train-data {input.train:q} --eval-data {input.eval:q} --checkpoint {input.checkpoint:q} "
+        "--code-stamp {input.code:q} --cells-root {params.cells:q} --manifest {output:q} --threads {threads} "
+        "--device {params.device:q} {params.prestep:q} {params.features:q} > {log:q} 2>&1"
+
+
+# A later rung: one job per chunk of the previous rung's ranked slots (a pack's size)
+# reads that ranking at run time and trains the configurations it promotes, each
+# resuming from its saved state up to this rung's budget (the full one: the grid's cell).
+# Not in group "train": it waits on a ranking that waits on the packs.
+rule train_promoted:
+    input:
+        unpack(promoted_inputs),
+    output:
+        f"{RES}/rungs/{{dataset}}/{{method}}/r{{rung}}/c{{chunk}}.json",
+    log:
+        f"{LOGS}/train_promoted/{{dataset}}/{{method}}/r{{rung}}/c{{chunk}}.log",
+    conda:
+        ENV
+    threads: CFG.compute.train.threads
+    resources:
+        gpu=CFG.compute.train.gpu,
+        mem_mb=CFG.compute.train.mem_mb,
+        runtime=lambda wc: rung_runtime(rung_of(wc), rung_of(wc).chunk),
+    params:
+        slots=promoted_slots,
+        budget=lambda wc: rung_of(wc).epochs,
+        cells=f"{RES}/cells",
+        device=CFG.compute.train.device,
+        prestep=optional_args("--prestep", "prestep"),
+        features=optional_args("--features", "features"),
+    shell:
+        "python -m peft_core.cli train-pack --ranking {input.ranking:q} --slots {params.slots} "
+        "--budget {params.budget} --train-data {input.train:q} --eval-data {input.eval:q} "
+        "--checkpoint {input.checkpoint:q} --code-stamp {input.code:q} --cells-root {params.cells:q} "
+        "--manifest {output:q} --threads {threads} --device {params.device:q} {params.prestep:q} "
+        "{params.features:q} > {log:q} 2>&1"

@@ -1,0 +1,102 @@
+"""Successive halving in the workflow (tuning.strategy: halving), on a miniature LoRA study:
+6 configurations, eta 3, budgets 2 -> 6 epochs.
+
+The plan is checked in the default suite (a dry run, seconds): every rung is a planned job,
+no checkpoint. The run (`slow`, about a minute): promoted cells resume from their rung-0
+state, the selection says how it was made and what it cost, and the same study run as a
+grid reuses the finished cells and resumes the others (grid and halving share cells).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import yaml
+
+from .smk import REPO, copy_code, run_in_subprocess
+
+CONFIG = REPO / "tests" / "configs" / "tiny_halving.yaml"
+RES = "results/tiny_halving"
+
+
+def _workdir(tmp_path):
+    copy_code(tmp_path)
+    shutil.copy(CONFIG, tmp_path / "study.yaml")
+    return tmp_path
+
+
+def _new_packs(before: dict, after: dict) -> list[str]:
+    from peft_core.config import load_study
+    from peft_core.packs import group_into_packs, pack_id
+
+    ids = lambda cfg: [pack_id(p) for p in group_into_packs(load_study(cfg).tuning_cells("digits", "lora"))]  # noqa: E731
+    return [p for p in ids(after) if p not in ids(before)]
+
+
+def _rules(jobs) -> Counter:
+    return Counter(j["rule"] for j in jobs)
+
+
+def test_plan_has_every_rung_as_a_job(tmp_path):
+    work = _workdir(tmp_path)
+    jobs = _rules(run_in_subprocess(work, work / "study.yaml", dryrun=True))
+    # rung 0: the 3 packs (rank x 2 lr) to 2 epochs; rung 1: the top ceil(6 / 3) = 2 in one chunk
+    assert (jobs["train_rung"], jobs["train_promoted"], jobs["rank_rung"]) == (3, 1, 2)
+    assert jobs["train_pack"] == 0 and jobs["select_config"] == jobs["train_final"] == 1
+
+
+def test_plan_of_a_prestep_method_gives_each_promoted_slot_its_own_job(tmp_path):
+    """SCT's cells need their own prestep result: a later rung trains one slot per job."""
+    copy_code(tmp_path)
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny_prestep.yaml").read_text())
+    cfg["methods"] = {"sct": {"channels": [4, 8, 16]}}
+    cfg["train"]["epochs"] = 3
+    cfg["tuning"] = {"strategy": "halving", "eta": 2, "min_epochs": 1}  # budgets 1, 2, 3; sizes 3, 2, 1
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = run_in_subprocess(tmp_path, tmp_path / "study.yaml", dryrun=True)
+    promoted = sorted(o.split("/rungs/digits/sct/")[1] for j in jobs if j["rule"] == "train_promoted" for o in j["output"])
+    assert promoted == ["r1/c0.json", "r1/c1.json", "r2/c0.json"]
+    assert _rules(jobs)["rank_rung"] == 3 and _rules(jobs)["train_rung"] == 3
+
+
+@pytest.mark.slow
+def test_run_promotes_resumes_and_shares_cells_with_the_grid(tmp_path):
+    work = _workdir(tmp_path)
+    config = work / "study.yaml"
+    run_in_subprocess(work, config)
+    r0, r1 = (json.loads((work / f"{RES}/rungs/digits/lora/r{r}.json").read_text()) for r in (0, 1))
+    assert (len(r0["ranked"]), r0["promote"], r0["epochs"]) == (6, 2, 2)
+    assert [row["cell"] for row in r1["ranked"]] and {row["cell"] for row in r1["ranked"]} == {
+        row["cell"] for row in r0["ranked"][:2]}  # fmt: skip
+    keys = [(-row["accuracy"], row["cell"]) for row in r0["ranked"]]
+    assert keys == sorted(keys)  # validation accuracy, ties by cell id
+    log = (work / "logs/tiny_halving/train_promoted/digits/lora/r1/c0.log").read_text()
+    assert log.count("resumed from") == 2 and "at epoch 3" in log
+    sel = json.loads((work / f"{RES}/selection/digits/lora.json").read_text())
+    assert sel["strategy"] == "halving" and sel["selected_on"] == "val200"
+    assert sel["chosen"] in {r["cell"] for r in r1["ranked"]}  # the best of the last rung
+    assert sel["val_accuracy"] == max(r["accuracy"] for r in r1["ranked"])
+    assert [(r["epochs"], r["configurations"]) for r in sel["rungs"]] == [(2, 6), (6, 2)]
+    assert sel["selection_images"] == 800 * (6 * 2 + 2 * 4)  # rung 0: 6 x 2 epochs; rung 1: 2 x 4 more
+    summary = (work / "reports/tiny_halving/summary.md").read_text()
+    assert "| halving |" in summary
+    assert run_in_subprocess(work, config, dryrun=True) == []
+
+    cfg = yaml.safe_load(config.read_text())
+    edited = {**cfg, "methods": {"lora": {"rank": [1, 2, 4, 8]}}}  # a new configuration: one new rung-0 pack
+    config.write_text(yaml.safe_dump(edited))
+    jobs = run_in_subprocess(work, config, dryrun=True)
+    assert [o for j in jobs if j["rule"] == "train_rung" for o in j["output"]] == [
+        f"{RES}/rungs/digits/lora/r0/{p}.json" for p in _new_packs(cfg, edited)]  # fmt: skip
+    assert _rules(jobs)["train_promoted"] == 2  # ceil(8 / 3) = 3 promoted, in chunks of a pack's 2
+    del cfg["tuning"]  # the same study as a grid: the same cells
+    config.write_text(yaml.safe_dump(cfg))
+    jobs = _rules(run_in_subprocess(work, config))
+    assert jobs["train_pack"] == 3 and jobs["train_rung"] == 0
+    logs = "".join(p.read_text() for p in (work / "logs/tiny_halving/train_pack").rglob("*.log"))
+    assert logs.count("reused (same spec") == 2 and logs.count("resumed from") == 4
+    sel = json.loads((work / f"{RES}/selection/digits/lora.json").read_text())
+    assert sel["strategy"] == "grid" and sel["selection_images"] == 800 * 6 * 6
