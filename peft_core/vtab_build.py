@@ -56,9 +56,11 @@ from .errors import InputError
 from .manyshot import write_atomic
 from .tfrecord import count_records, parse_example, read_records
 from .vtab import SPLITS
-from .vtab_archives import DATASETS as ARCHIVE_DATASETS
-from .vtab_archives import OPENERS as ARCHIVE_OPENERS
-from .vtab_archives import RAW_PIXEL_FORMATS, Source, decode_image, sha_file
+from .vtab_archives import (
+    RAW_PIXEL_FORMATS, Source, caltech_source, decode_image, dtd_source, eurosat_source, flowers_source, pets_source,
+    resisc45_source, sha_file,
+)  # fmt: skip
+from .vtab_arrays import cifar_source, dsprites_source, smallnorb_source, svhn_source
 from .vtab_splits import SPLIT_NAMES, TASK_ADAPTATION_COMMIT, TASK_ADAPTATION_REPO, TASKS, VtabTask
 from .vtab_splits import resolve_split, resolved_slices, task_label
 
@@ -144,6 +146,17 @@ def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Sourc
     return Source({s: sum(v) for s, v in shard_lengths.items()}, read, True, record)
 
 
+ARCHIVE_OPENERS = {"cifar-binary": cifar_source, "svhn-mat": svhn_source, "dtd-folder": dtd_source,
+                   "flowers102-folder": flowers_source, "pets-folder": pets_source,
+                   "eurosat-folder": eurosat_source, "resisc45-folder": resisc45_source,
+                   "caltech101-folder": caltech_source, "dsprites-npz": dsprites_source,
+                   "smallnorb-mat": smallnorb_source}  # fmt: skip
+# the data sets each archive format holds (dSprites and smallNORB: two VTAB-1k tasks each)
+ARCHIVE_DATASETS = {"cifar-binary": ("cifar100",), "svhn-mat": ("svhn",), "dtd-folder": ("dtd",),
+                    "flowers102-folder": ("flowers102",), "pets-folder": ("pets",), "eurosat-folder": ("eurosat",),
+                    "resisc45-folder": ("resisc45",), "caltech101-folder": ("caltech101",),
+                    "dsprites-npz": ("dsprites_loc", "dsprites_ori"),
+                    "smallnorb-mat": ("smallnorb_azi", "smallnorb_ele")}  # fmt: skip
 OPENERS = {"tfds": tfds_source, **ARCHIVE_OPENERS}
 SOURCE_FORMATS = tuple(OPENERS)
 

@@ -23,8 +23,8 @@ from PIL import Image
 from peft_core.cli import main, parser
 from peft_core.errors import InputError
 from peft_core.vtab import check_root
-from peft_core.vtab_archives import ARRAY_ORDER, DSPRITES_NPZ, DTD_CLASSES, EUROSAT_CLASSES, NORB_FILES, ORDER
-from peft_core.vtab_archives import PETS_CLASSES, RESISC45_CLASSES
+from peft_core.vtab_archives import DTD_CLASSES, EUROSAT_CLASSES, ORDER, PETS_CLASSES, RESISC45_CLASSES
+from peft_core.vtab_arrays import ARRAY_ORDER, DSPRITES_NPZ, NORB_FILES
 from peft_core.vtab_build import SOURCE_FORMATS, build
 from peft_core.vtab_splits import resolve_split
 
