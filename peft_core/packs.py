@@ -73,12 +73,14 @@ def read_code_stamp(path: str | Path) -> str:
 
 
 def reuse_verdict(
-    cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None
+    cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None, batched: bool = False
 ) -> tuple[dict[str, Any] | None, str]:
     """(metrics, "") if the finished cell can be reused, else (None, why it must (re)train).
 
     Reusable: all outputs present, and metrics.json (written last) is of this cell,
-    this code and, when ``inputs`` is given, the same input fingerprints.
+    this code, trained alone (``batched``: with its pack as one model, peft_core/batched.py;
+    the two agree only to rounding, so they are never mixed) and, when ``inputs`` is
+    given, the same input fingerprints.
     """
     if not (cell_dir / METRICS).is_file():
         return None, "not trained yet"
@@ -92,6 +94,8 @@ def reuse_verdict(
         return None, "metrics.json of another cell"
     if metrics.get("code") != code:
         return None, "code changed"
+    if bool(metrics.get("batched", False)) != batched:
+        return None, "trained batched" if metrics.get("batched") else "trained alone"
     if inputs is not None:
         why = changed_inputs(metrics.get("inputs"), inputs)
         if why:
@@ -102,6 +106,12 @@ def reuse_verdict(
 def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None = None):
     """The cell's metrics if it can be reused, else None (see :func:`reuse_verdict`)."""
     return reuse_verdict(cell_dir, spec, code, inputs)[0]
+
+
+def manifest_row(spec: CellSpec, out: Path, metrics: dict[str, Any], reused: bool, why: str) -> dict[str, Any]:
+    """One cell's line in its pack's manifest."""
+    return {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
+            "accuracy": metrics["accuracy"], "reused": reused, "trained_because": why or None}  # fmt: skip
 
 
 @contextmanager
@@ -147,9 +157,6 @@ def run_pack(
             else:
                 log(f"{name}: training ({why})")
                 metrics = train_cell(spec, out)
-        rows.append(
-            {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
-             "accuracy": metrics["accuracy"], "reused": reused, "trained_because": why or None}
-        )  # fmt: skip
+        rows.append(manifest_row(spec, out, metrics, reused, why))
     write_json(manifest, {"pack": pack_id(specs), "code": code, "cells": rows})
     return rows

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from .methods import get_method
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
 from .pace import Pace, check_method
+from .preemption import PREEMPT_SIGNALS, Preempted, preemption_flag  # noqa: F401 (re-exported)
 from .prestep import keep_in_cell, state_for_cell
 from .results import METRICS, PREDICTIONS, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
@@ -133,32 +132,6 @@ class Outcome:
 
 
 RESUME = "resume.pt"
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """Raised after the training state was saved on SIGTERM/SIGUSR1."""
-
-
-@contextmanager
-def preemption_flag():
-    """SIGTERM / SIGUSR1 (SLURM preemption or requeue) set a flag the loop checks at each epoch end.
-
-    Saving at an epoch boundary keeps the resumed run bit-identical on CPU: the
-    data order generator, the global RNG and the optimiser are all at a clean state.
-    """
-    flag = {"hit": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = {s: signal.signal(s, lambda signum, frame: flag.update(hit=True)) for s in PREEMPT_SIGNALS}
-    try:
-        yield flag
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 @contextmanager
 def rich_epoch_log(spec: CellSpec):
     """Interactive runs: a `rich` progress bar over epochs (loss, img/s); logs stay plain lines otherwise."""
@@ -341,8 +314,6 @@ def run_cell(
     ``features``: the cached head inputs of the train and eval splits (peft_core/features.py),
     for a head-only method; used when the built model allows it, else the images are read.
     """
-    import pandas as pd
-
     if log is None and sys.stderr.isatty():
         with rich_epoch_log(spec) as live:
             return run_cell(
@@ -355,12 +326,7 @@ def run_cell(
     if spec.pace is not None:
         check_method(spec.method)  # before any data is read
     state = state_for_cell(spec, prestep)
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
-        torch.backends.cudnn.allow_tf32 = True
+    dev = setup_process(threads, device)
     torch.manual_seed(spec.seed)
     if features is None:
         train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
@@ -379,7 +345,32 @@ def run_cell(
     with preemption_flag() as flag:
         outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag, head)
     t_trained = time.perf_counter()
+    return write_cell(spec, model, outcome, eval_split, dev, out_dir, (t_start, t_loaded, t_trained), threads, log,
+                      code, inputs, head)  # fmt: skip
 
+
+def setup_process(threads: int, device: str) -> torch.device:
+    """Torch threads and the device of this process (TF32 for fp32 leftovers on CUDA)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def write_cell(spec: CellSpec, model, outcome: Outcome, eval_split, dev: torch.device, out_dir: Path,
+               times: tuple[float, float, float], threads: int, log, code: str | None, inputs: dict | None,
+               head: torch.nn.Module | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """Evaluate a trained cell and write its files; ``times``: (start, loaded, trained).
+
+    ``extra``: fields added to metrics.json (the batched path's ``batched``, peft_core/batched.py).
+    """
+    import pandas as pd
+
+    t_start, t_loaded, t_trained = times
+    resume = out_dir / RESUME
     if outcome.status == "ok":
         logits = evaluate(model, spec, eval_split.images, head).cpu()
         if not torch.isfinite(logits).all():
@@ -436,6 +427,7 @@ def run_cell(
         "init": spec.init,
         "compiled": spec.compile,
         "feature_cache": head is not None,  # trained on cached frozen features (peft_core/features.py)
+        "batched": False,  # trained alone (True: with its pack's other cells as one model, peft_core/batched.py)
         "threads": threads,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -443,6 +435,7 @@ def run_cell(
         "peft_core": __version__,
         "code": code,  # checksum of the engine + method sources it ran (packs reuse cells by it)
         "inputs": inputs,  # sha256 of the data caches and checkpoint it read (packs reuse cells by them)
+        **(extra or {}),
     }
     write_safetensors(
         out_dir / WEIGHTS,
