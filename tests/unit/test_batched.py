@@ -113,6 +113,20 @@ def test_per_cell_seed_data_order_and_frozen_tensors(tmp_path):
     assert len({o.final_loss for o in outs}) == 3
 
 
+def test_a_diverging_cell_stops_where_it_would_alone_and_spares_the_others(tmp_path):
+    x, y = _data()
+    specs = [toycell.spec("linear", {}, epochs=3, drop_path=0.0, num_classes=5, lr=lr) for lr in (1e-2, 1e30)]
+    solo = [train(_head_only(0), s, x, y, lambda _m: None) for s in specs]
+    finished: list = []
+    resumes = [tmp_path / f"{i}.pt" for i in range(2)]
+    outs = train_batched([_head_only(0) for _ in specs], specs, x, y, lambda _m: None, resumes, None,
+                         lambda c, o: finished.append((c, o.status, o.diverged_epoch)))  # fmt: skip
+    assert solo[1].status == "diverged" and finished == [(1, "diverged", solo[1].diverged_epoch)]
+    assert [(o.status, o.diverged_epoch, o.images) for o in outs] == [
+        (o.status, o.diverged_epoch, o.images) for o in solo]  # fmt: skip
+    assert outs[0].final_loss == solo[0].final_loss
+
+
 def test_a_preempted_batch_resumes_to_the_uninterrupted_result(tmp_path):
     x, y = _data()
     specs = [toycell.spec("linear", {}, epochs=3, drop_path=0.0, num_classes=5, lr=lr) for lr in (1e-2, 1e-3)]
