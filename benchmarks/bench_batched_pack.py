@@ -10,7 +10,8 @@ random weights, drop-path 0 and the method's dropout 0, as the batched path
 requires), the same number of epochs over the same random uint8 images; one
 warm-up epoch of each mode is run first and not timed. Images/s counts every
 cell's images: C * n * epochs / seconds. Timing only: evaluation, model builds
-and file writes are not included (they are the same in both modes).
+and file writes are not included (they are the same in both modes). The two
+modes are timed ``--repeat`` times, interleaved, and the medians reported.
 
 Example (CPU, demo-sized):  python benchmarks/bench_batched_pack.py --model vit_tiny_patch16_224 \\
     --kwargs '{"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}' --images 256
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,28 +76,38 @@ def sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_sequential(cells, x, y, dev) -> float:
+def sequential_runner(cells, x, y, dev):
+    """A timed run of every cell alone, one after another (models built and warmed up once)."""
     ms = models(cells, dev)
     for m, s in zip(ms, cells):  # warm-up epoch
         train(m, s.model_copy(update={"epochs": 1}), x, y, _quiet)
-    sync(dev)
-    t0 = time.perf_counter()
-    for m, s in zip(ms, cells):
-        train(m, s, x, y, _quiet)
-    sync(dev)
-    return time.perf_counter() - t0
+
+    def run() -> float:
+        sync(dev)
+        t0 = time.perf_counter()
+        for m, s in zip(ms, cells):
+            train(m, s, x, y, _quiet)
+        sync(dev)
+        return time.perf_counter() - t0
+
+    return run
 
 
-def time_batched(cells, x, y, dev, tmp: Path) -> float:
+def batched_runner(cells, x, y, dev, tmp: Path):
+    """A timed run of the cells as one batch (models built and warmed up once)."""
     ms = models(cells, dev)
     resumes = [tmp / f"{i}.pt" for i in range(len(cells))]
     warm = [s.model_copy(update={"epochs": 1}) for s in cells]
     train_batched(ms, warm, x, y, _quiet, resumes, None, lambda c, o: None)
-    sync(dev)
-    t0 = time.perf_counter()
-    train_batched(ms, cells, x, y, _quiet, resumes, None, lambda c, o: None)
-    sync(dev)
-    return time.perf_counter() - t0
+
+    def run() -> float:
+        sync(dev)
+        t0 = time.perf_counter()
+        train_batched(ms, cells, x, y, _quiet, resumes, None, lambda c, o: None)
+        sync(dev)
+        return time.perf_counter() - t0
+
+    return run
 
 
 def _quiet(msg: str) -> None:
@@ -113,23 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each mode, interleaved")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = pick_device(a.device)
     cells = specs(a)
     x, y = data(cells[0], a.images, dev)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        seq = time_sequential(cells, x, y, dev)
-        bat = time_batched(cells, x, y, dev, Path(tmp))
+        runs = {"sequential": sequential_runner(cells, x, y, dev), "batched": batched_runner(cells, x, y, dev, Path(tmp))}
+        seconds = {mode: [] for mode in runs}
+        for _ in range(a.repeat):  # interleaved, so a change of load hits both modes
+            for mode, run in runs.items():
+                seconds[mode].append(run())
     images = len(cells) * a.images * a.epochs
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({a.threads} threads)"
     print(f"{a.model} {a.kwargs} {a.method}, {len(cells)} cells x {a.images} images x {a.epochs} epochs, "
-          f"batch {a.batch_size}, {a.precision}, {name}")  # fmt: skip
+          f"batch {a.batch_size}, {a.precision}, {name}, median of {a.repeat}")  # fmt: skip
     print("| mode | images/s | seconds |\n|---|---:|---:|")
-    print(f"| sequential | {images / seq:.1f} | {seq:.2f} |\n| batched | {images / bat:.1f} | {bat:.2f} |")
-    print(f"batched / sequential: {seq / bat:.2f}x")
+    for mode, ts in seconds.items():
+        print(f"| {mode} | {images / statistics.median(ts):.1f} | {statistics.median(ts):.2f} |")
+    ratios = sorted(s / b for s, b in zip(seconds["sequential"], seconds["batched"]))
+    print(f"batched / sequential: {statistics.median(seconds['sequential']) / statistics.median(seconds['batched']):.2f}x"
+          f" (per repeat {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
     return 0
 
 

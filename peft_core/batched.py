@@ -63,6 +63,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -105,7 +106,7 @@ def model_reason(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return f"{name} is a dropout (p={m.p}): vmap would draw other masks than the solo run"
-        if type(m).__name__ == "DropPath" and getattr(m, "drop_prob", 0) > 0:
+        if isinstance(m, DropPath) and m.drop_prob > 0:
             return f"{name} is a drop-path (p={m.drop_prob})"
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             return f"{name} is a BatchNorm (running statistics are state outside the parameters)"
@@ -311,17 +312,14 @@ def run_batched(specs: list[CellSpec], dirs: list[Path], train_data: str | Path,
     return [results[c] for c in range(len(specs))]
 
 
-def run_batched_pack(
-    specs: list[CellSpec],
-    solo: Callable[[CellSpec, Path], dict[str, Any]],
-    batched: Callable[[list[CellSpec], list[Path]], list[dict[str, Any]]],
-    reason: Callable[[CellSpec], str | None],
-    cells_root: str | Path,
-    code: str,
-    manifest: str | Path,
-    log: Callable[[str], None],
-    inputs: dict | None = None,
-) -> list[dict[str, Any]]:
+#: train one cell alone into its directory (``train.run_cell``); train a batch (:func:`run_batched`)
+Solo = Callable[[CellSpec, Path], dict[str, Any]]
+Batch = Callable[[list[CellSpec], list[Path]], list[dict[str, Any]]]
+
+
+def run_batched_pack(specs: list[CellSpec], solo: Solo, batched: Batch, reason: Callable[[CellSpec], str | None],
+                     cells_root: str | Path, code: str, manifest: str | Path, log: Callable[[str], None],
+                     inputs: dict | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """``packs.run_pack`` with ``compute.train.batched_packs``: same cells, files and manifest.
 
     A cell with ``reason(spec)`` None trains batched with the others of its

@@ -36,11 +36,7 @@ GRID = [(1e-3, 1e-4), (1e-3, 1e-1), (1e-2, 1e-4), (3e-2, 1e-1)]
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PEFT_CORE_SERVER", raising=False)
-    toycell.write_inputs(tmp_path, n_train=72, n_eval=40)
-    torch.set_num_threads(1)
-    return tmp_path
+    return toycell.enter(tmp_path, monkeypatch, n_train=72, n_eval=40)
 
 
 def _pack(method="lora", hparams=None, **kw):
