@@ -244,10 +244,12 @@ def cmd_train_pack(a) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        if a.budget is not None:  # a successive-halving rung (peft_core/halving.py)
+        if a.budget is not None:  # a successive-halving rung (peft_core/halving.py): its cells train alone
             from .halving import run_rung
 
             rows = run_rung(specs, a.budget, train_one, a.cells_root, code, a.manifest, log, inputs)
+        elif a.batched:
+            rows = _run_batched_pack(a, specs, train_one, code, inputs, features is not None, log)
         else:
             rows = run_pack(specs, train_one, a.cells_root, code, a.manifest, log, inputs)
     except Preempted:
@@ -255,6 +257,20 @@ def cmd_train_pack(a) -> int:
     trained = sum(not r["reused"] for r in rows)
     print(f"{a.manifest}: {len(rows)} cells ({trained} trained, {len(rows) - trained} reused)")
     return 0
+
+
+def _run_batched_pack(a, specs: list, train_one, code: str | None, inputs: dict, features: bool, log) -> list[dict]:
+    """``train-pack --batched``: the cells that allow it train as one model (peft_core/batched.py)."""
+    from .batched import cell_reason, run_batched, run_batched_pack
+
+    def batched(group, dirs):
+        return run_batched(group, dirs, a.train_data, a.eval_data, a.checkpoint, a.threads, a.device, log, code,
+                           inputs)  # fmt: skip
+
+    def reason(spec):
+        return cell_reason(spec, a.checkpoint, features)
+
+    return run_batched_pack(specs, train_one, batched, reason, a.cells_root, code, a.manifest, log, inputs)
 
 
 def _prestep_for(specs: list, paths: list[str] | None) -> Path | None:
@@ -620,6 +636,8 @@ def parser() -> argparse.ArgumentParser:
                    help="prestep results of the method (SCT, GPS, NOAH); each cell takes the one made for it")  # fmt: skip
     s.add_argument("--features", nargs=2, metavar=("TRAIN", "EVAL"),
                    help="cached head inputs of the two splits (`peft-core features`), for head-only methods")  # fmt: skip
+    s.add_argument("--batched", action="store_true",
+                   help="train the cells that allow it as one vmapped model (compute.train.batched_packs)")  # fmt: skip
     _cell_args(s)
     s.set_defaults(fn=cmd_train_pack)
 

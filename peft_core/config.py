@@ -256,6 +256,13 @@ class TrainResources(Strict):
     mem_mb: int = Field(4000, ge=100)
     runtime: int = Field(60, ge=1, description="minutes per training job on a cluster")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    batched_packs: bool = Field(
+        False,
+        description="train a pack's cells as one vmapped model (peft_core/batched.py): one C-times larger batch "
+        "per step; cells with dropout, drop-path, a step hook, a prestep or PACE train alone. Equal to solo "
+        "training up to rounding; recorded per cell (metrics.json `batched`), and a cell is reused only when "
+        "trained the same way",
+    )
 
 
 class ComputeConfig(Strict):

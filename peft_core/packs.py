@@ -73,12 +73,14 @@ def read_code_stamp(path: str | Path) -> str:
 
 
 def reuse_verdict(
-    cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None
+    cell_dir: Path, spec: CellSpec, code: str | None, inputs: dict | None, batched: bool = False
 ) -> tuple[dict[str, Any] | None, str]:
     """(metrics, "") if the finished cell can be reused, else (None, why it must (re)train).
 
     Reusable: all outputs present, and metrics.json (written last) is of this cell,
-    this code and, when ``inputs`` is given, the same input fingerprints.
+    this code, trained alone (``batched``: with its pack as one model, peft_core/batched.py;
+    the two agree only to rounding, so they are never mixed) and, when ``inputs`` is
+    given, the same input fingerprints.
     """
     if not (cell_dir / METRICS).is_file():
         return None, "not trained yet"
@@ -89,6 +91,8 @@ def reuse_verdict(
     except (OSError, ValueError):
         return None, "metrics.json unreadable"
     why = record_verdict(metrics, spec, code, inputs)
+    if not why and bool(metrics.get("batched", False)) != batched:
+        why = "trained batched" if metrics.get("batched") else "trained alone"
     return (None, why) if why else (metrics, "")
 
 
@@ -138,6 +142,12 @@ def reusable_metrics(cell_dir: Path, spec: CellSpec, code: str | None, inputs: d
     return reuse_verdict(cell_dir, spec, code, inputs)[0]
 
 
+def manifest_row(spec: CellSpec, out: Path, metrics: dict[str, Any], reused: bool, why: str) -> dict[str, Any]:
+    """One cell's line in its pack's manifest."""
+    return {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
+            "accuracy": metrics["accuracy"], "reused": reused, "trained_because": why or None}  # fmt: skip
+
+
 @contextmanager
 def cell_lock(cell_dir: Path, log: Callable[[str], None]):
     """Exclusive lock on ``<cell_dir>.lock`` (beside the cell, so deleting the cell keeps it valid)."""
@@ -182,9 +192,6 @@ def run_pack(
                 log(f"{name}: training ({why})")
                 drop_stale_resume(out, spec, spec.epochs, code, inputs, log)
                 metrics = train_cell(spec, out)
-        rows.append(
-            {"cell": spec.cell_id, "dir": str(out), "status": metrics["status"],
-             "accuracy": metrics["accuracy"], "reused": reused, "trained_because": why or None}
-        )  # fmt: skip
+        rows.append(manifest_row(spec, out, metrics, reused, why))
     write_json(manifest, {"pack": pack_id(specs), "code": code, "cells": rows})
     return rows

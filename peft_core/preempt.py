@@ -20,6 +20,10 @@ from typing import Iterator
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class Preempted(Exception):
+    """Raised after the training state was saved on SIGTERM/SIGUSR1."""
+
+
 class _Catcher:
     """A signal handler that records a hit in its flag (``{"hit": bool}``)."""
 

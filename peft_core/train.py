@@ -13,7 +13,6 @@ import resource
 import socket
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from .config import CellSpec
 from .errors import InputError
 from .data import load_split, to_float
 from .methods import get_method
-from .preempt import preemption_flag
 from .methods._common import count_backbone, count_head, count_trainable, trainable_names, unfreeze_head
 from .metrics import ppt
 from .pace import Pace, check_method
+from .preempt import PREEMPT_SIGNALS, Preempted, preemption_flag  # noqa: F401 (re-exported)
 from .prestep import keep_in_cell, state_for_cell
 from .results import METRICS, PREDICTIONS, RESUME, SPEC, WEIGHTS, write_json, write_parquet, write_safetensors, write_torch
 
@@ -129,10 +128,6 @@ class Outcome:
     #: accuracy on the last epoch's training batches, in train mode (dropout and drop-path on)
     final_accuracy: float = float("nan")
     images: int = 0
-
-
-class Preempted(Exception):
-    """Raised after the training state was saved on SIGTERM/SIGUSR1 (peft_core/preempt.py)."""
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -308,8 +303,6 @@ def run_cell(
     ``stop_at`` < ``spec.epochs``: a halving rung; only the validation metrics are returned and
     the state stays in ``resume.pt`` for the next rung (peft_core/halving.py).
     """
-    import pandas as pd
-
     if log is None and sys.stderr.isatty():
         from .progress import rich_epoch_log
 
@@ -322,12 +315,7 @@ def run_cell(
     if spec.pace is not None:
         check_method(spec.method)  # before any data is read
     state = state_for_cell(spec, prestep)
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
-        torch.backends.cudnn.allow_tf32 = True
+    dev = setup_process(threads, device)
     torch.manual_seed(spec.seed)
     if features is None:
         train_split, eval_split = load_split(train_data, dev), load_split(eval_data, dev)
@@ -346,7 +334,35 @@ def run_cell(
     with preemption_flag() as flag:
         outcome = train(model, spec, train_split.images, train_split.labels, log, resume, flag, head, stop_at)
     t_trained = time.perf_counter()
+    return write_cell(spec, model, outcome, eval_split, dev, out_dir, (t_start, t_loaded, t_trained), threads, log,
+                      code, inputs, head, n_train=int(len(train_split.labels)), stop_at=stop_at)  # fmt: skip
 
+
+def setup_process(threads: int, device: str) -> torch.device:
+    """Torch threads and the device of this process (TF32 for fp32 leftovers on CUDA)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (this process only)
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def write_cell(spec: CellSpec, model, outcome: Outcome, eval_split, dev: torch.device, out_dir: Path,
+               times: tuple[float, float, float], threads: int, log, code: str | None, inputs: dict | None,
+               head: torch.nn.Module | None = None, extra: dict | None = None, n_train: int = 0,
+               stop_at: int | None = None) -> dict[str, Any]:
+    """Evaluate a trained cell and write its files; ``times``: (start, loaded, trained).
+
+    ``extra``: fields added to metrics.json (the batched path's ``batched``, peft_core/batched.py).
+    ``n_train``: the training images; ``stop_at`` < ``spec.epochs``: a halving rung's budget, for
+    which only the validation metrics are returned (nothing is written; see :func:`run_cell`).
+    """
+    import pandas as pd
+
+    t_start, t_loaded, t_trained = times
+    resume = out_dir / RESUME
     if outcome.status == "ok":
         logits = evaluate(model, spec, eval_split.images, head).cpu()
         if not torch.isfinite(logits).all():
@@ -355,7 +371,7 @@ def run_cell(
 
     labels = eval_split.labels.cpu()
     accuracy = float((logits.argmax(1) == labels).float().mean()) if outcome.status == "ok" else float("nan")
-    n_train, trainable = int(len(train_split.labels)), count_trainable(model)
+    trainable = count_trainable(model)
     if stop_at is not None and stop_at < spec.epochs:
         return {"cell": spec.cell_id, "status": outcome.status, "accuracy": accuracy, "eval_split": spec.eval_split,
                 "trainable_params": trainable, "n_train": n_train, "epochs": stop_at}  # fmt: skip
@@ -406,6 +422,7 @@ def run_cell(
         "init": spec.init,
         "compiled": spec.compile,
         "feature_cache": head is not None,  # trained on cached frozen features (peft_core/features.py)
+        "batched": False,  # trained alone (True: with its pack's other cells as one model, peft_core/batched.py)
         "threads": threads,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -413,6 +430,7 @@ def run_cell(
         "peft_core": __version__,
         "code": code,  # checksum of the engine + method sources it ran (packs reuse cells by it)
         "inputs": inputs,  # sha256 of the data caches and checkpoint it read (packs reuse cells by them)
+        **(extra or {}),
     }
     write_safetensors(
         out_dir / WEIGHTS,

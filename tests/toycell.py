@@ -23,6 +23,16 @@ def write_inputs(root: Path, n_train: int = 64, n_eval: int = 32) -> None:
     save_file(state, str(root / "backbone.safetensors"))
 
 
+def enter(root: Path, monkeypatch, n_train: int = 64, n_eval: int = 32) -> Path:
+    """The engine tests' setting: toy inputs in ``root``, the working directory there, no
+    fork server, one torch thread."""
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("PEFT_CORE_SERVER", raising=False)
+    write_inputs(root, n_train, n_eval)
+    torch.set_num_threads(1)
+    return root
+
+
 def spec(method: str = "lora", hparams: dict | None = None, epochs: int = 2, **kw) -> CellSpec:
     fields = dict(
         dataset="toy", num_classes=3, train_split="train800", eval_split="val200", image_size=32,

@@ -81,7 +81,15 @@ def code_path(path):
 
 ENGINE_CODE = [
     code_path(REPO / "peft_core" / f)
-    for f in ("train.py", "pace.py", "backbones.py", "data.py", "init.py")
+    for f in (
+        "train.py",
+        "pace.py",
+        "backbones.py",
+        "data.py",
+        "init.py",
+        "preempt.py",
+        "batched.py",
+    )
 ]
 
 

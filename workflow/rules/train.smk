@@ -100,11 +100,12 @@ rule train_pack:
         device=CFG.compute.train.device,
         prestep=optional_args("--prestep", "prestep"),
         features=optional_args("--features", "features"),
+        batched=["--batched"] if CFG.compute.train.batched_packs else [],
     shell:
         "python -m peft_core.cli train-pack --spec-json {params.specs:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "{params.prestep:q} {params.features:q} > {log:q} 2>&1"
+        "{params.prestep:q} {params.features:q} {params.batched:q} > {log:q} 2>&1"
 
 
 # Final runs: one job per (dataset, method) trains the chosen configuration
@@ -138,12 +139,13 @@ rule train_final:
         device=CFG.compute.train.device,
         prestep=optional_args("--prestep", "prestep"),
         features=optional_args("--features", "features"),
+        batched=["--batched"] if CFG.compute.train.batched_packs else [],
     shell:
         "python -m peft_core.cli train-pack --selection {input.selection:q} --final-seeds {params.seeds:q} "
         "--final-train {params.final_train:q} --final-eval {params.final_eval:q} --train-data {input.train:q} "
         "--eval-data {input.eval:q} --checkpoint {input.checkpoint:q} --code-stamp {input.code:q} "
         "--cells-root {params.cells:q} --manifest {output:q} --threads {threads} --device {params.device:q} "
-        "{params.prestep:q} {params.features:q} > {log:q} 2>&1"
+        "{params.prestep:q} {params.features:q} {params.batched:q} > {log:q} 2>&1"
 
 
 # Successive halving (tuning.strategy: halving; peft_core/halving.py). Rung 0: each
