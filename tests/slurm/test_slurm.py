@@ -398,9 +398,10 @@ def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, referenc
             assert proc.poll() is None, _tail(log)
             running = [j for j, what in _submitted(log.read_text()).items()
                        if _is_training(what) and _squeue_state(j) == "RUNNING"]  # fmt: skip
-            # a job one of whose cells is mid-training (the linear probe's head trains on cached
-            # features within a second: a job caught after that has nothing left to save)
-            victim = next((j for j in running if any(_mid_training(p) for p in _member_logs(work, log, j))), None)
+            # a job one of whose LoRA cells is mid-training: the linear probe's head trains on cached
+            # features, all 60 epochs within one poll, so a job of it is caught with nothing left to save
+            victim = next((j for j in running if any(_mid_training(p) and p.parent.name == "lora"
+                                                     for p in _member_logs(work, log, j))), None)  # fmt: skip
             time.sleep(0.3)
         assert victim is not None, f"no training job was seen mid-training:\n{_tail(log)}"
         if how == "requeue":
