@@ -208,8 +208,7 @@ def _promoted(a) -> list:
     from .halving import promoted_specs
     from .results import read_json
 
-    if not Path(a.ranking).is_file():
-        raise InputError(f"{a.ranking}: file not found")
+    require_files(a.ranking)
     if not a.slots or a.budget is None:
         raise InputError("--ranking needs --slots and --budget")
     return [_spec(json.dumps(s)) for s in promoted_specs(read_json(a.ranking), *a.slots)]
