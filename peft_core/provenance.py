@@ -9,7 +9,10 @@ resize filter. A cell copies the record of each cache it reads into
 ``results.parquet`` gets one column per field and role, and the report's
 header states them and warns when one table mixes data manifests, listings or
 checkpoints (:func:`provenance_summary`). Normalisation is part of the cell's
-spec, so it is a column too.
+spec, so it is a column too. So are what computed a row: its code stamp (the
+checksum of the engine + method sources that trained it, by which packs reuse
+cells) and the torch and peft-core versions; the header warns when one
+method's rows carry two code stamps, or the table two library versions.
 
 The record is provenance, not identity: a cell is reused by the content
 fingerprints of its caches and checkpoint (unchanged), so a cache rebuilt
@@ -117,6 +120,8 @@ def provenance_summary(results: "pd.DataFrame") -> dict[str, Any]:
         "normalize": _distinct(get("normalize")),
         "image_size": _distinct(get("image_size")),
         "interpolation": _distinct(get("interpolation")),
+        "torch": _distinct(get("torch")),
+        "peft_core": _distinct(get("peft_core")),
         "warnings": [],
     }
     w = info["warnings"]
@@ -134,6 +139,19 @@ def provenance_summary(results: "pd.DataFrame") -> dict[str, Any]:
                     w.append(f"{dataset}: final rows from {n} different {role} {what}")
             if f"{role}_sha256" in g and len(_distinct(g[f"{role}_sha256"])) > 1:
                 w.append(f"{dataset}: final rows from {len(_distinct(g[f'{role}_sha256']))} different {role} data caches")
+    for lib in ("torch", "peft_core"):
+        if len(info[lib]) > 1:
+            w.append(f"rows computed with different {lib} versions: {', '.join(info[lib])}")
+    # a method's code stamp covers the engine and that method's files: one study's final rows of
+    # one method that carry two stamps were trained by different code (some kept from before an edit)
+    for method, g in final.groupby("method", sort=False) if "code_stamp" in final and len(final) else ():
+        stamps = _distinct(g["code_stamp"])
+        if len(stamps) > 1:
+            w.append(f"{method}: final rows from {len(stamps)} different code stamps ({', '.join(stamps)})")
+    if "code_stamp" not in final or final["code_stamp"].isna().any():
+        n = len(final) if "code_stamp" not in final else int(final["code_stamp"].isna().sum())
+        if n:
+            w.append(f"{n} final rows carry no code stamp (cells trained before it was recorded)")
     unknown = int(get("eval_listing_sha256").isna().sum()) if "eval_listing_sha256" in final else len(final)
     if unknown:
         w.append(f"{unknown} final rows carry no data-source record (cells trained before it was recorded)")
@@ -148,4 +166,9 @@ def provenance_text(info: dict[str, Any]) -> str:
         f"normalisation {', '.join(info['normalize']) or '?'}",
         f"backbone checkpoint sha256 {', '.join(info['checkpoints']) or 'unrecorded'}",
     ]
-    return ", ".join(parts) + ". Every row of results.parquet carries its caches', listings' and manifests' sha256."
+    libs = f"Computed with torch {', '.join(info['torch']) or '?'} and peft-core {', '.join(info['peft_core']) or '?'}"
+    return (
+        ", ".join(parts)
+        + f". {libs}. Every row of results.parquet carries its caches', listings' and manifests' sha256"
+        + " and the code stamp of the sources that trained it."
+    )

@@ -92,6 +92,13 @@ def cell_row(cell_dir: Path, study: str, group: str, final_eval: str, selected: 
         "interpolation": s.get("interpolation"),
         "normalize": s.get("normalize"),
         "image_size": s.get("image_size"),
+        # what computed it: the checksum of the engine + method sources it ran (its code stamp),
+        # the library versions, and how it was trained (None for cells before they were recorded)
+        "code_stamp": m.get("code"),
+        "torch": m.get("torch"),
+        "peft_core": m.get("peft_core"),
+        "batched": m.get("batched"),
+        "feature_cache": m.get("feature_cache"),
     }
     # data provenance: the content fingerprints of what the cell read (peft_core/fingerprint.py)
     # and the record of where each cache came from (peft_core/provenance.py)

@@ -35,7 +35,8 @@ def _rows(**over):
             "image_size": 224, "interpolation": "bicubic", "eval_sha256": "e", "train_sha256": "t",
             "train_source_format": "peft-core manyshot v1", "eval_source_format": "peft-core manyshot v1",
             "train_listing_sha256": "l1", "eval_listing_sha256": "l2", "train_manifest_sha256": "m1",
-            "eval_manifest_sha256": "m1"}  # fmt: skip
+            "eval_manifest_sha256": "m1", "code_stamp": "0123456789abcdef", "torch": "2.14.1",
+            "peft_core": "0.1.0"}  # fmt: skip
     return {**base, **over}
 
 
@@ -44,6 +45,19 @@ def test_one_table_from_one_data_source_has_no_warning():
     assert info["warnings"] == []
     text = provenance_text(info)
     assert "peft-core manyshot v1" in text and "cccccccccccc" in text and "224 px" in text
+    assert "torch 2.14.1 and peft-core 0.1.0" in text and "code stamp" in text
+
+
+def test_a_method_whose_rows_come_from_two_code_versions_is_warned():
+    """One method's final rows trained by different code (some cells kept from before an edit), or
+    rows of different torch versions, are said in the header; methods' own stamps differing is normal."""
+    frame = pd.DataFrame([_rows(), _rows(dataset="b", code_stamp="fedcba9876543210", torch="2.4.0"),
+                          _rows(method="bitfit", code_stamp="aaaaaaaaaaaaaaaa"), _rows(method="ssf", code_stamp=None)])  # fmt: skip
+    warnings = provenance_summary(frame)["warnings"]
+    assert "lora: final rows from 2 different code stamps (0123456789abcdef, fedcba9876543210)" in warnings
+    assert "rows computed with different torch versions: 2.14.1, 2.4.0" in warnings
+    assert "1 final rows carry no code stamp (cells trained before it was recorded)" in warnings
+    assert not any(w.startswith(("bitfit", "ssf")) for w in warnings)
 
 
 def test_mixed_manifests_checkpoints_and_unrecorded_rows_are_warned():

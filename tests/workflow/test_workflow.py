@@ -64,7 +64,17 @@ def test_report_files_and_tables(study):
     assert set(tuning["eval_split"]) == {"val200"} and set(tuning["train_split"]) == {"train800"}
     assert set(final["eval_split"]) == {"test"} and set(final["train_split"]) == {"train800val200"}
     assert len(tuning) == 3 and len(final) == 2
+    # what computed each row: its method's code stamp (the same for all of a method's cells), torch
+    import torch
+
+    from peft_core.packs import read_code_stamp
+
+    for method, rows in results.groupby("method"):
+        assert set(rows.code_stamp) == {read_code_stamp(study["work"] / f"results/tiny/code/{method}.sha256")}
+    assert set(results.torch) == {torch.__version__} and not results.batched.any()
+    assert list(results.feature_cache) == [m == "linear" for m in results.method]
     summary = (report / "summary.md").read_text()
+    assert f"Computed with torch {torch.__version__}" in summary
     assert "| linear" in summary and "| lora" in summary and "PPT" in summary
     # paper-ready files beside the HTML
     for name in ("tables/accuracy.tex", "tables/tables.tex", "figures/cd_all.pdf", "figures/accuracy_params.svg",
