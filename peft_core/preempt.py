@@ -20,6 +20,25 @@ from typing import Iterator
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def ignore_step_warning() -> None:
+    """Ignore SIGUSR1 in this process (the workflow's Snakemake) and in what it starts.
+
+    SLURM sends the profile's early warning (``--signal=USR1@120``) to every
+    process of the job step, not only to the trainer: also to the member's
+    ``snakemake --mode remote`` and the rule's shell. SIGUSR1's default action
+    ends a process, and once the step's first process has died slurmstepd
+    tears the step down, killing the trainer before it reaches the epoch end
+    where it would save (on ViT-B an epoch takes minutes; the warning 120 s).
+    An ignored signal stays ignored across fork and exec, so the shell and
+    every command it runs ignore it too, except the cell commands, which
+    replace SIG_IGN with their own handler (:func:`preemption_flag`) and save.
+    Snakemake itself gives SIGUSR1 no meaning. Called when the Snakefile is
+    parsed; off the main thread Python cannot set handlers, so it does nothing.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class Preempted(Exception):
     """Raised after the training state was saved on SIGTERM/SIGUSR1."""
 

@@ -422,6 +422,12 @@ def test_requeued_train_job_resumes_from_its_saved_state(slurm_cluster, referenc
         assert len(runs) >= 2 and runs[-1] == "COMPLETED", runs
     train_logs = "\n".join(p.read_text(errors="replace") for p in (work / "logs").glob("tiny/train_*/*/*/*.log"))
     assert "resumed from" in train_logs, "no cell resumed from its saved state"
+    if how == "profile-signal":
+        # the step's Snakemake and shell ignore the warning: only the trainer acts on it, so the step
+        # is not torn down before the trainer's epoch end (peft_core/preempt.py: ignore_step_warning)
+        victim_log = re.search(rf"submitted with SLURM jobid {victim} \(log: (\S+)\)", text)
+        assert victim_log, f"no SLURM log named for job {victim}"
+        assert "User defined signal" not in Path(victim_log.group(1)).read_text(errors="replace"), victim_log.group(1)
     assert not list((work / "results").rglob("resume.pt")), "a resume state was left behind"
     cells = _cell_metrics(work)
     assert len(cells) == 5 and all(m["status"] == "ok" for m in cells.values()), cells

@@ -15,6 +15,7 @@ from peft_core.methods import get_method
 from peft_core.config import final_cells
 from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
+from peft_core.preempt import ignore_step_warning
 from peft_core.prestep import prestep_spec
 from peft_core.server import Background
 from peft_core.slurm_guard import (
@@ -23,6 +24,10 @@ from peft_core.slurm_guard import (
     missing_targets,
     write_targets,
 )
+
+# SLURM's early warning reaches every process of a job step: Snakemake and the rule's
+# shell must survive it for the trainer to save its state (peft_core/preempt.py).
+ignore_step_warning()
 
 if not config:
     raise WorkflowError(
