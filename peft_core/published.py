@@ -98,8 +98,9 @@ VPEFT_AS: dict[str, PublishedAs] = {
 # (288,768 + the mean VTAB head = 0.33M, the row's params). SNELL: the only row with per-task numbers
 # is SNELL-16 (rank 16; the sparsity ratio is tuned per task there and here). SPT-LoRA and
 # SPT-Adapter: group means only (so compared only on all 19 tasks, as a mean of group means).
-# Not mapped: GLoRA and Mona (no VTAB-1k numbers found), ARC (its numbers are quoted from RLRR's table for
-# a setting not pinned down here), Adapter+ (second-hand group means of an unknown bottleneck setting).
+# Not mapped: GLoRA (per-task numbers quoted by PACE's table, which states neither the GLoRA configuration
+# nor its parameter count), Mona (no VTAB-1k numbers found), ARC (its numbers are quoted from RLRR's table
+# for a setting not pinned down here), Adapter+ (second-hand group means of an unknown bottleneck setting).
 NEWER_AS: dict[str, PublishedAs] = {
     "rlrr": PublishedAs("RLRR"),
     "snell": PublishedAs("SNELL-16", {"rank": (16,)}),
