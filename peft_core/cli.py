@@ -565,10 +565,11 @@ def parser() -> argparse.ArgumentParser:
     # the names of vtab_build.SOURCE_FORMATS (a test keeps them in step): importing it would load numpy
     s.add_argument("--source-format", choices=["tfds", "cifar-binary", "svhn-mat", "dtd-folder", "flowers102-folder",
                                                "pets-folder", "eurosat-folder", "resisc45-folder", "caltech101-folder",
-                                               "dsprites-npz", "smallnorb-mat"],
+                                               "sun397-folder", "dsprites-npz", "smallnorb-mat"],
                    help="build mode (peft_core/vtab_build.py): tfds = a TFDS prepared directory (the official "
                         "VTAB-1k images); the others = one data set's original archive, extracted "
-                        "(peft_core/vtab_archives.py and vtab_arrays.py give the layouts; VTAB-1k-style splits)")  # fmt: skip
+                        "(peft_core/vtab_archives.py, vtab_arrays.py and vtab_scenes.py give the layouts; "
+                        "VTAB-1k-style splits)")  # fmt: skip
     s.add_argument("--source", help="build mode: the TFDS data_dir (or version folder), or the extracted archive")
     s.add_argument("--dataset", help="build mode: the VTAB-1k data set to write (cifar100, clevr_count, ...)")
     s.add_argument("--out", help="build mode: writes <out>/<dataset>/ (split files, images, manifest.json), then checks it")

@@ -5,7 +5,8 @@ folder itself (``dtd/``, ``cifar-100-binary/``, ...). Each format holds one
 data set (dSprites and smallNORB: two VTAB-1k tasks each), read in the layout
 it is distributed in (a missing file is refused in one line naming its path and
 this layout). The formats of raw pixel records (CIFAR, SVHN, dSprites,
-smallNORB) are in peft_core/vtab_arrays.py; the image folders are here:
+smallNORB) are in peft_core/vtab_arrays.py, the SUN397 tree (``sun397-folder``) in
+peft_core/vtab_scenes.py; the other image folders are here:
 
 - ``dtd-folder`` (dtd, ``dtd-r1.0.1.tar.gz``): ``dtd/images/<class>/<class>_NNNN.jpg``
   and ``dtd/labels/{train1,val1,test1}.txt`` (lines ``<class>/<file>.jpg``).
@@ -76,6 +77,8 @@ LAYOUTS = {
     "eurosat-folder": "2750/<class>/*.jpg (or EuroSAT/, EuroSAT_RGB/)",
     "resisc45-folder": "NWPU-RESISC45/<class>/*.jpg",
     "caltech101-folder": "101_ObjectCategories/<class>/*.jpg (102 folders, BACKGROUND_Google included)",
+    "sun397-folder": "SUN397/<letter>/<class>[/<sub>]/*.jpg and TFDS's split lists sun397_tfds_{tr,va,te}.txt "
+                     "(tensorflow_datasets/image_classification/) beside SUN397/",
     "dsprites-npz": "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz",
     "smallnorb-mat": "smallnorb-5x46789x9x18x6x2x96x96-training-{dat,info}.mat, "
                      "smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,info}.mat (the .mat.gz files, gunzipped)",

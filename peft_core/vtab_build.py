@@ -18,7 +18,8 @@ Writes ``<out>/<dataset>/{train800,val200,train800val200,test}.txt`` (lines
   the layouts and cites the TFDS builders whose splits and labels they follow):
   ``cifar-binary`` (cifar100), ``svhn-mat`` (svhn), the image folders with their
   official split lists ``dtd-folder``, ``flowers102-folder``, ``pets-folder``,
-  ``eurosat-folder``, ``resisc45-folder``, ``caltech101-folder``, and the arrays
+  ``eurosat-folder``, ``resisc45-folder``, ``caltech101-folder``, ``sun397-folder``
+  (peft_core/vtab_scenes.py: SUN397 with TFDS's split lists), and the arrays
   ``dsprites-npz`` (dsprites_loc / _ori), ``smallnorb-mat`` (smallnorb_azi / _ele).
 
 The archives are in their distribution order (CIFAR, SVHN) or ordered by a
@@ -61,6 +62,7 @@ from .vtab_archives import (
     resisc45_source, sha_file,
 )  # fmt: skip
 from .vtab_arrays import cifar_source, dsprites_source, smallnorb_source, svhn_source
+from .vtab_scenes import sun397_source
 from .vtab_splits import SPLIT_NAMES, TASK_ADAPTATION_COMMIT, TASK_ADAPTATION_REPO, TASKS, VtabTask
 from .vtab_splits import resolve_split, resolved_slices, task_label
 
@@ -149,12 +151,13 @@ def tfds_source(path: Path, task: VtabTask, keep_encoded: bool = False) -> Sourc
 ARCHIVE_OPENERS = {"cifar-binary": cifar_source, "svhn-mat": svhn_source, "dtd-folder": dtd_source,
                    "flowers102-folder": flowers_source, "pets-folder": pets_source,
                    "eurosat-folder": eurosat_source, "resisc45-folder": resisc45_source,
-                   "caltech101-folder": caltech_source, "dsprites-npz": dsprites_source,
-                   "smallnorb-mat": smallnorb_source}  # fmt: skip
+                   "caltech101-folder": caltech_source, "sun397-folder": sun397_source,
+                   "dsprites-npz": dsprites_source, "smallnorb-mat": smallnorb_source}  # fmt: skip
 # the data sets each archive format holds (dSprites and smallNORB: two VTAB-1k tasks each)
 ARCHIVE_DATASETS = {"cifar-binary": ("cifar100",), "svhn-mat": ("svhn",), "dtd-folder": ("dtd",),
                     "flowers102-folder": ("flowers102",), "pets-folder": ("pets",), "eurosat-folder": ("eurosat",),
                     "resisc45-folder": ("resisc45",), "caltech101-folder": ("caltech101",),
+                    "sun397-folder": ("sun397",),
                     "dsprites-npz": ("dsprites_loc", "dsprites_ori"),
                     "smallnorb-mat": ("smallnorb_azi", "smallnorb_ele")}  # fmt: skip
 OPENERS = {"tfds": tfds_source, **ARCHIVE_OPENERS}

@@ -26,6 +26,7 @@ from peft_core.vtab import check_root
 from peft_core.vtab_archives import DTD_CLASSES, EUROSAT_CLASSES, ORDER, PETS_CLASSES, RESISC45_CLASSES
 from peft_core.vtab_arrays import ARRAY_ORDER, DSPRITES_NPZ, NORB_FILES
 from peft_core.vtab_build import SOURCE_FORMATS, build
+from peft_core.vtab_scenes import SUN397_CLASSES, SUN397_LABELS_SHA256, SUN397_LISTS
 from peft_core.vtab_splits import resolve_split
 
 Listing = dict[str, list[tuple[str, int, int]]]  # TFDS split -> [(name as listed, label, colour)]
@@ -134,6 +135,32 @@ def fake_caltech(root: Path) -> tuple[Path, Listing]:
     return root, listing
 
 
+# a few SUN397 folders, sub-folder classes included, with their ids in TFDS's sun397_labels.txt (line number - 1)
+SUN397_FEW = {"/a/abbey": 0, "/c/car_interior/backseat": 78, "/c/car_interior/frontseat": 79,
+              "/t/track/outdoor": 360, "/y/youth_hostel": 396}  # fmt: skip
+
+
+def fake_sun397(root: Path) -> tuple[Path, Listing]:
+    """``SUN397/<letter>/<class>[/<sub>]/sun_*.jpg`` + TFDS's ``sun397_tfds_{tr,va,te}.txt`` beside ``SUN397/``
+    (lines ``/<letter>/...jpg``, in no particular order); one image in the tree is in no list."""
+    classes = list(SUN397_FEW)
+    listing, i = {}, 0
+    for split, n in (("train", 800), ("validation", 200), ("test", 9)):
+        items = []
+        for _ in range(n):
+            cls = classes[i % len(classes)]
+            items.append((f"{cls[1:]}/sun_{i:06d}.jpg", SUN397_FEW[cls], _colour(i)))
+            i += 1
+        listing[split] = items
+    _write_images(root / "SUN397", listing)
+    (root / "SUN397/a/abbey/sun_unlisted.jpg").write_bytes(_jpeg(1))  # in the archive, in no split list
+    rng = np.random.default_rng(0)
+    for split, name in SUN397_LISTS.items():
+        lines = [f"/{listing[split][k][0]}\n" for k in rng.permutation(len(listing[split]))]
+        (root / name).write_text("".join(lines))
+    return root, listing
+
+
 def fake_dsprites(root: Path) -> tuple[Path, Listing]:
     """The npz with 2000 records of 0/1 pixels (the real one: 737,280 of 64x64) and latents_classes N x 6."""
     n = 2000
@@ -197,6 +224,8 @@ CASES = [
     Case("caltech101-folder", "caltech101", fake_caltech, {"val200": "train[2754:2954]", "test": "test"},
          "101_ObjectCategories", (), "101_ObjectCategories/Faces_easy",
          "{target.parent}: 101 class folders"),  # fmt: skip
+    Case("sun397-folder", "sun397", fake_sun397, {"val200": "validation[:200]", "test": "test"},
+         "", tuple(SUN397_LISTS.values()), "sun397_tfds_va.txt"),  # fmt: skip
     Case("dsprites-npz", "dsprites_loc", fake_dsprites, {"val200": "train[1600:1800]", "test": "train[1800:]"},
          "", (DSPRITES_NPZ,), DSPRITES_NPZ),  # fmt: skip
     Case("smallnorb-mat", "smallnorb_ele", fake_smallnorb, {"val200": "test[:200]", "test": "test[50%:]"}, "",
@@ -260,6 +289,62 @@ def test_folder_archive_builds_checked_ordered_and_deterministic(case, tmp_path)
     message = str(err.value)
     assert "\n" not in message and message.startswith(case.error.format(target=target))
     assert "--source-format" in message or case.fmt == "caltech101-folder"
+
+
+def test_sun397_labels_membership_encodings_and_missing_lists(tmp_path):
+    # the ids: TFDS's sun397_labels.txt, the 397 folders sorted (its sha256, as TFDS ships it)
+    assert len(SUN397_CLASSES) == 397 and list(SUN397_CLASSES) == sorted(SUN397_CLASSES)
+    assert hashlib.sha256("".join(f"{c}\n" for c in SUN397_CLASSES).encode()).hexdigest() == SUN397_LABELS_SHA256
+    assert all(SUN397_CLASSES[i] == c for c, i in SUN397_FEW.items())
+
+    root, listing = fake_sun397(tmp_path / "src")
+    ordered = {s: sorted(items, key=_sha_order) for s, items in listing.items()}
+    gif = root / "SUN397" / ordered["train"][0][0]  # train800's first image: GIF data named .jpg, as some SUN397 files
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), ordered["train"][0][2], dtype=np.uint8)).save(buf, format="GIF")
+    gif.write_bytes(buf.getvalue())
+    folder = build("sun397-folder", root, "sun397", tmp_path / "a", image_encoding="source")
+    assert check_root(tmp_path / "a", ["sun397"], full=True)[1] == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source"]["decoded_to_png"] == [ordered["train"][0][0]]
+    assert manifest["source_counts"] == {"train": 800, "validation": 200, "test": 9}  # sun_unlisted.jpg: in none
+
+    # split membership: each VTAB-1k split holds exactly its TFDS split's listed images, with their folders' ids
+    lines = {s: (folder / f"{s}.txt").read_text().split("\n")[:-1] for s in ("train800", "val200", "test")}
+    for split, tfds_split, n in (("train800", "train", 800), ("val200", "validation", 200), ("test", "test", 9)):
+        assert len(lines[split]) == n
+        for k, line in enumerate(lines[split]):
+            rel, label = line.split()
+            name, want = ordered[tfds_split][k][:2]
+            assert int(label) == want and rel.startswith(f"images/{tfds_split}/{k:06d}.")
+            if rel.endswith(".jpg"):  # the file's own bytes
+                assert (folder / rel).read_bytes() == (root / "SUN397" / name).read_bytes()
+    assert lines["train800"][0].split()[0] == "images/train/000000.png"  # the GIF, decoded to PNG
+    assert {int(line.split()[1]) for line in lines["train800"]} == set(SUN397_FEW.values())
+
+    build("sun397-folder", root, "sun397", tmp_path / "b", image_encoding="source")
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")  # byte-identical rerun
+
+    # a line naming a folder that is not one of the 397
+    test_list = root / SUN397_LISTS["test"]
+    text = test_list.read_text()
+    test_list.write_text("/a/abbey_ruins/sun_000001.jpg\n" + text)
+    with pytest.raises(InputError, match=r"sun397_tfds_te.txt:1: '/a/abbey_ruins/sun_000001.jpg' is not "):
+        build("sun397-folder", root, "sun397", tmp_path / "c")
+    # the split lists missing: one line naming each
+    test_list.unlink()
+    (root / SUN397_LISTS["train"]).unlink()
+    with pytest.raises(InputError) as err:
+        build("sun397-folder", root / "SUN397", "sun397", tmp_path / "c")  # --source SUN397/: the lists inside it
+    message = str(err.value)
+    missing = f"{root / 'SUN397' / SUN397_LISTS['train']}, {root / 'SUN397' / SUN397_LISTS['validation']}, "
+    assert "\n" not in message and message.startswith(missing + f"{root / 'SUN397' / SUN397_LISTS['test']}: not found")
+    with pytest.raises(InputError) as err:
+        build("sun397-folder", root, "sun397", tmp_path / "c")
+    message = str(err.value)
+    assert message.startswith(f"{root / SUN397_LISTS['train']}, {root / SUN397_LISTS['test']}: not found (")
+    assert "\n" not in message and "--source-format sun397-folder" in message
+    assert "sun397_tfds_{tr,va,te}.txt" in message
 
 
 def test_cli_builds_dtd_keeping_the_jpeg_bytes(tmp_path, capsys):
