@@ -63,7 +63,11 @@ def source_record(listing: Path, layout: str, image_size: int, interpolation: st
     fmt = None
     if manifest.is_file():
         try:
-            fmt = json.loads(manifest.read_text()).get("format")
+            record = json.loads(manifest.read_text())
+            fmt = record.get("format")
+            # prepare-vtab names the raw source it read (tfds, eurosat-folder, cifar-binary, ...)
+            if fmt and record.get("source_format"):
+                fmt = f"{fmt} from {record['source_format']}"
         except (ValueError, AttributeError):
             fmt = "unreadable manifest"
     return {
