@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft_core.batched import train_batched  # noqa: E402
-from peft_core.config import BackboneSpec, CellSpec  # noqa: E402
+from peft_core.cells import BackboneSpec, CellSpec  # noqa: E402
 from peft_core.train import build_model, pick_device, train  # noqa: E402
 
 NUM_CLASSES = 100

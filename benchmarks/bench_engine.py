@@ -71,7 +71,7 @@ class Result:
 
 def cell_spec(job: Job, epochs: int = 1):
     """A CellSpec for the engine (method defaults, protocol optimiser settings, no warm-up epochs)."""
-    from peft_core.config import BackboneSpec, CellSpec
+    from peft_core.cells import BackboneSpec, CellSpec
     from peft_core.methods import get_method
 
     return CellSpec(

@@ -70,7 +70,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .config import CellSpec
+from .cells import CellSpec
 from .data import load_split, to_float
 from .methods import get_method
 from .packs import cell_lock, cell_path, manifest_row, pack_id, reuse_verdict

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import INTERPOLATIONS  # PIL resampling filters (``PIL.Image.Resampling`` members, lower case)
+from .sections import INTERPOLATIONS  # PIL resampling filters (``PIL.Image.Resampling`` members, lower case)
 from .errors import InputError
 from .hygiene import shared_images
 from .results import _atomic, write_text

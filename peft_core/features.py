@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BackboneSpec, CellSpec, Strict, cell_hash
+from .cells import BackboneSpec, CellSpec, cell_hash
+from .sections import Strict
 from .errors import InputError, require_files
 
 _META = "features"

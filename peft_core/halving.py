@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CellSpec
+from .cells import CellSpec
 from .errors import InputError
 from .packs import (
     cell_lock,

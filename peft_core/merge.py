@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import backbones
-from .config import CellSpec
+from .cells import CellSpec
 from .errors import InputError
 from .methods import get_method
 from .results import SPEC, WEIGHTS, read_json, write_safetensors

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CellSpec, cell_hash
+from .cells import CellSpec, cell_hash
 from .fingerprint import changed_inputs
 from .results import METRICS, PREDICTIONS, RESUME, SPEC, WEIGHTS, read_json, write_json
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import expand_grid, grid_model
+from .grids import expand_grid, grid_model
 from .methods import get_method, list_methods
 from .methods._common import count_trainable, unfreeze_head
 

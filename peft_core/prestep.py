@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from . import backbones
-from .config import BackboneSpec, CellSpec, Strict, cell_hash
+from .cells import BackboneSpec, CellSpec, cell_hash
+from .sections import Strict
 from .errors import InputError, require_files
 from .methods import get_method
 from .methods._common import count_trainable

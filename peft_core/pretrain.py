@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backbones
-from .config import BackboneConfig
+from .sections import BackboneConfig
 from .demo import NO_LABEL, UPSTREAM_ATTRIBUTES, upstream_task
 
 HELD_OUT = 1000

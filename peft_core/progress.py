@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .config import CellSpec
+from .cells import CellSpec
 
 
 @contextmanager

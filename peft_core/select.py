@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import CellSpec
+from .cells import CellSpec
 from .errors import InputError
 
 

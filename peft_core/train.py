@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, backbones
-from .config import CellSpec
+from .cells import CellSpec
 from .errors import InputError
 from .data import load_split, to_float
 from .methods import get_method

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import backbones
-from .config import CellSpec
+from .cells import CellSpec
 from .data import load_split
 from .errors import InputError
 from .merge import load_cell_model

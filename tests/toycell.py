@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from peft_core.config import BackboneSpec, CellSpec
+from peft_core.cells import BackboneSpec, CellSpec
 from peft_core.results import write_torch
 
 from .methods.checks import TINY, tiny_model

@@ -25,7 +25,8 @@ def cmd_pretrain_demo(a) -> int:
 
     from pydantic import ValidationError
 
-    from ..config import BackboneConfig, format_validation_error
+    from ..grids import format_validation_error
+    from ..sections import BackboneConfig
 
     try:
         backbone = BackboneConfig.model_validate_json(a.backbone_json)

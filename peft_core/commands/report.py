@@ -24,7 +24,7 @@ def cmd_rank_rung(a) -> int:
 
 
 def cmd_select(a) -> int:
-    from ..config import CellSpec
+    from ..cells import CellSpec
     from ..halving import halving_selection, last_rung_cells
     from ..results import METRICS, SPEC, read_json, write_json
     from ..select import grid_selection, select

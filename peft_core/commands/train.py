@@ -16,7 +16,8 @@ from ..errors import InputError, require_files
 def _spec(raw: str):
     from pydantic import ValidationError
 
-    from ..config import CellSpec, format_validation_error
+    from ..cells import CellSpec
+    from ..grids import format_validation_error
 
     try:
         spec = CellSpec.model_validate_json(raw)
@@ -65,7 +66,7 @@ def cmd_train(a) -> int:
 
 def _final_specs(a) -> list:
     """The final runs of the configuration chosen in ``--selection``, one per ``--final-seeds``."""
-    from ..config import final_cells
+    from ..cells import final_cells
     from ..results import read_json
 
     require_files(a.selection)
@@ -181,7 +182,7 @@ def _features(paths: list[str] | None) -> tuple[str, str] | None:
 def cmd_features(a) -> int:
     from pydantic import ValidationError
 
-    from ..config import format_validation_error
+    from ..grids import format_validation_error
     from ..features import FeatureSpec, extract
 
     try:
@@ -195,7 +196,7 @@ def cmd_features(a) -> int:
 def cmd_prestep(a) -> int:
     from pydantic import ValidationError
 
-    from ..config import format_validation_error
+    from ..grids import format_validation_error
     from ..prestep import PrestepSpec, run_prestep
 
     try:

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from peft_core.config import expand_grid, grid_model
+from peft_core.grids import expand_grid, grid_model
 from peft_core.methods import get_method
 
 from . import checks as c

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from peft_core.config import expand_grid, grid_model
+from peft_core.grids import expand_grid, grid_model
 from peft_core.methods import get_method
 
 from . import checks as c

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from peft_core.batched import RESUME_BATCHED, cell_reason, run_batched, run_batched_pack, spec_reason, train_batched
 from peft_core.cli import main
-from peft_core.config import PaceConfig
+from peft_core.sections import PaceConfig
 from peft_core.methods._common import freeze_all, unfreeze_head
 from peft_core.preempt import Preempted
 from peft_core.results import METRICS, read_json

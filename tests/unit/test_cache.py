@@ -260,7 +260,7 @@ def test_shared_images_is_a_pure_check(tmp_path):
 
 def test_cli_interpolation_choices_are_the_configs():
     from peft_core.cli import parser
-    from peft_core.config import INTERPOLATIONS
+    from peft_core.sections import INTERPOLATIONS
 
     cache = parser()._subparsers._group_actions[0].choices["cache"]
     action = next(a for a in cache._actions if a.dest == "interpolation")

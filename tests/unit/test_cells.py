@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peft_core.config import CellSpec, cell_hash, load_study
+from peft_core.cells import CellSpec, cell_hash
+from peft_core.config import load_study
 from peft_core.errors import InputError
 from peft_core.metrics import ppt
 from peft_core.select import select

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peft_core.config import load_study, study_json_schema
+from peft_core.config import load_study
+from peft_core.grids import study_json_schema
 from peft_core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from peft_core.config import PaceConfig, cell_hash, load_study
+from peft_core.cells import cell_hash
+from peft_core.config import load_study
+from peft_core.sections import PaceConfig
 from peft_core.errors import InputError
 from peft_core.methods import list_methods
 from peft_core.pace import PACE_METHODS, Pace, noise_points

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peft_core import cli
-from peft_core.config import final_cells
+from peft_core.cells import final_cells
 from peft_core.errors import InputError
 from peft_core.merge import load_cell_model
 from peft_core.packs import reuse_verdict

@@ -12,7 +12,7 @@ from peft_core.features import CODE as FEATURE_SOURCES
 from peft_core.features import feature_spec, plan_reason
 from peft_core.halving import plan_rungs
 from peft_core.methods import get_method
-from peft_core.config import final_cells
+from peft_core.cells import final_cells
 from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
 from peft_core.preempt import ignore_step_warning
