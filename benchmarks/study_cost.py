@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = a.datasets or (["digits"] if a.quick else ["digits", "textures", "cells", "orientation"])
         methods = a.methods or (QUICK_METHODS if a.quick else FULL_METHODS)
         epochs = a.epochs or (6 if a.quick else 18)
+        a.work = a.work.resolve()  # snakemake runs in it: a relative path would be taken twice
         a.work.mkdir(parents=True, exist_ok=True)
         walls = {}
         cfgs = {s: study_config(s, methods, datasets, epochs, a.eta, a.min_epochs or 2, a.seeds, a.quick)
