@@ -26,10 +26,10 @@ def test_applying_a_peft_method_without_peft_is_one_line_naming_the_extra(monkey
 def test_registry_and_methods_listing_do_not_import_peft():
     code = (
         "import sys; sys.modules['peft'] = None\n"  # as if not installed
-        "import peft_core.methods, peft_core.config\n"
+        "import peft_core.methods, peft_core.grids\n"
         "from peft_core.cli import main\n"
         "assert main(['methods']) == 0\n"
-        "peft_core.config.methods_model()\n"
+        "peft_core.grids.methods_model()\n"
         "assert sys.modules['peft'] is None\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
