@@ -144,7 +144,7 @@ def test_tfds_kitti_build_is_checked_official_and_deterministic(kitti_src, tmp_p
     assert manifest["splits"]["val200"] == {"slice": "validation[:200]", "images": 200}
     assert manifest["task_adaptation"]["commit"] == "d7630d3c43ba052b5a35546b312d9454a9f2c96b"
     assert manifest["resize"].startswith("none")
-    assert source_record(folder / "train800.txt", "vtab", 224, "bicubic")["source_format"] == FORMAT
+    assert source_record(folder / "train800.txt", "vtab", 224, "bicubic")["source_format"] == f"{FORMAT} from tfds"
     # the same inputs: byte-identical files
     build("tfds", kitti_src / "kitti" / "3.1.0", "kitti", tmp_path / "b")
     a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
