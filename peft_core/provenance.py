@@ -152,10 +152,9 @@ def provenance_summary(results: "pd.DataFrame") -> dict[str, Any]:
         stamps = _distinct(g["code_stamp"])
         if len(stamps) > 1:
             w.append(f"{method}: final rows from {len(stamps)} different code stamps ({', '.join(stamps)})")
-    if "code_stamp" not in final or final["code_stamp"].isna().any():
-        n = len(final) if "code_stamp" not in final else int(final["code_stamp"].isna().sum())
-        if n:
-            w.append(f"{n} final rows carry no code stamp (cells trained before it was recorded)")
+    unstamped = int(final["code_stamp"].isna().sum()) if "code_stamp" in final else len(final)
+    if unstamped:
+        w.append(f"{unstamped} final rows carry no code stamp (cells trained before it was recorded)")
     unknown = int(get("eval_listing_sha256").isna().sum()) if "eval_listing_sha256" in final else len(final)
     if unknown:
         w.append(f"{unknown} final rows carry no data-source record (cells trained before it was recorded)")

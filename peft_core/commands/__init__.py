@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from ..errors import InputError
+
 
 def study_from_arg(arg: str):
     """A study from a config file path or an inline JSON config."""
@@ -17,3 +19,15 @@ def study_from_arg(arg: str):
         return load_study(json.loads(arg))
     return load_study(arg)
 
+
+
+def model_from_json(model, text: str, what: str):
+    """``model`` validated from a JSON argument; an invalid one is one InputError line naming ``what``."""
+    from pydantic import ValidationError
+
+    from ..grids import format_validation_error
+
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, what)) from None

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from . import model_from_json
 
 
 def cmd_make_demo_data(a) -> int:
@@ -23,15 +24,9 @@ def cmd_make_demo_data(a) -> int:
 def cmd_pretrain_demo(a) -> int:
     from ..pretrain import pretrain_demo
 
-    from pydantic import ValidationError
-
-    from ..grids import format_validation_error
     from ..sections import BackboneConfig
 
-    try:
-        backbone = BackboneConfig.model_validate_json(a.backbone_json)
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "backbone")) from None
+    backbone = model_from_json(BackboneConfig, a.backbone_json, "backbone")
     pretrain_demo(backbone, a.out, threads=a.threads)
     return 0
 

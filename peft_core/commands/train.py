@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, require_files
+from . import model_from_json
 
 
 def _spec(raw: str):
@@ -18,12 +19,9 @@ def _spec(raw: str):
 
     from ..cells import CellSpec
     from ..grids import format_validation_error
-
-    try:
-        spec = CellSpec.model_validate_json(raw)
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "spec")) from None
     from ..methods import get_method
+
+    spec = model_from_json(CellSpec, raw, "spec")
 
     method = get_method(spec.method)
     try:
@@ -180,29 +178,17 @@ def _features(paths: list[str] | None) -> tuple[str, str] | None:
 
 
 def cmd_features(a) -> int:
-    from pydantic import ValidationError
-
-    from ..grids import format_validation_error
     from ..features import FeatureSpec, extract
 
-    try:
-        fspec = FeatureSpec.model_validate_json(a.spec_json)
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "feature spec")) from None
+    fspec = model_from_json(FeatureSpec, a.spec_json, "feature spec")
     extract(fspec, a.data, a.checkpoint, a.out, a.threads, a.device)
     return 0
 
 
 def cmd_prestep(a) -> int:
-    from pydantic import ValidationError
-
-    from ..grids import format_validation_error
     from ..prestep import PrestepSpec, run_prestep
 
-    try:
-        pspec = PrestepSpec.model_validate_json(a.spec_json)
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "prestep spec")) from None
+    pspec = model_from_json(PrestepSpec, a.spec_json, "prestep spec")
     run_prestep(pspec, a.train_data, a.eval_data, a.checkpoint, a.out, a.threads, a.device)
     return 0
 
