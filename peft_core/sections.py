@@ -252,5 +252,6 @@ class ComputeConfig(Strict):
     train: TrainResources = Field(default_factory=TrainResources)
     fork_server: bool = Field(
         True,
-        description="local runs: one process imports torch/timm once and forks per cell (saves ~4 s per cell)",
+        description="one process imports torch/timm once and forks per cell (saves ~4 s per cell): for a local run, "
+        "and inside each SLURM group job of two or more members",
     )

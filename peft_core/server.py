@@ -22,6 +22,7 @@ forward is logged as "client pid P: forked pid C for <command>".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,8 @@ _RC = struct.Struct("!i")
 # many times per study; cli.FORWARDED, the ones the client sends, must be a
 # subset). Anything else is refused, whoever asks.
 ALLOWED = frozenset({"train", "train-pack", "prestep", "features", "robustness"})
+# The signals a client hands on to its worker (SLURM's requeue and early warning).
+RELAYED = frozenset({signal.SIGTERM, signal.SIGUSR1})
 # A request is argv + cwd + environment: far below this.
 MAX_REQUEST = 1 << 22
 # A client has this long to send its whole request (the server reads one
@@ -145,8 +148,52 @@ def _refuse(conn: socket.socket, reason: str) -> None:
 # ------------------------------------------------------------------ client
 
 
+class _Relay:
+    """Hand the preemption signals the client gets on to its worker, one byte (the signal number) each.
+
+    Under SLURM the client is what the job step signals (the profile's early
+    SIGUSR1, SIGTERM on requeue); the worker, forked by a server outside the
+    step, gets nothing from SLURM. A signal that arrives while the request is
+    still being sent waits until it is whole (a byte in the middle would
+    corrupt it).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.armed, self.pending, self.old = sock, False, [], {}
+
+    def __enter__(self) -> "_Relay":
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._on_signal) for s in RELAYED}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.armed:
+            self._send(signum)
+        else:
+            self.pending.append(signum)
+
+    def arm(self) -> None:
+        self.armed = True
+        while self.pending:
+            self._send(self.pending.pop(0))
+
+    def _send(self, signum: int) -> None:
+        try:
+            self.sock.send(bytes([signum]))
+        except OSError:  # the worker is gone: its exit status (or the lost connection) says so
+            pass
+
+
 def forward(argv: list[str]) -> int | None:
-    """Run ``argv`` on the server named by $PEFT_CORE_SERVER; None if there is none."""
+    """Run ``argv`` on the server named by $PEFT_CORE_SERVER; None if there is none.
+
+    SIGTERM and SIGUSR1 sent to this process reach the worker (:class:`_Relay`),
+    which acts on them as the command would in-process.
+    """
     path = os.environ.get(ENV_VAR)
     if not path or not Path(path).exists():
         return None
@@ -165,8 +212,10 @@ def forward(argv: list[str]) -> int | None:
         sys.stderr.flush()
         request = {"argv": argv, "cwd": os.getcwd(), "env": {k: v for k, v in os.environ.items() if k != ENV_VAR}}
         try:
-            _send_msg(sock, request, [sys.stdout.fileno(), sys.stderr.fileno()])
-            (rc,) = _RC.unpack(_recv_exact(sock, _RC.size))
+            with _Relay(sock) as relay:
+                _send_msg(sock, request, [sys.stdout.fileno(), sys.stderr.fileno()])
+                relay.arm()
+                (rc,) = _RC.unpack(_recv_exact(sock, _RC.size))
             if rc == REFUSED:
                 (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
                 reason = _recv_exact(sock, size).decode(errors="replace")
@@ -208,15 +257,18 @@ def _accept_request(conn: socket.socket) -> tuple[dict, list[int]] | None:
 
 
 def _die_with_client(conn: socket.socket) -> None:
-    """Kill this child once its client is gone (killed, or its job cancelled).
+    """Raise in this child the signals its client relays; kill it once the client is gone.
 
-    The client sends nothing after its request, so ``recv`` returns only at
-    end-of-file. Without this, a ``kill -9`` of Snakemake would leave cells
-    training, and writing outputs, behind the rerun's back.
+    After its request the client sends only relayed signal numbers (one byte
+    each: SIGTERM, SIGUSR1), so ``recv`` otherwise returns only at end-of-file.
+    Without the kill, a ``kill -9`` of Snakemake would leave cells training,
+    and writing outputs, behind the rerun's back.
     """
     try:
-        while conn.recv(1):
-            pass
+        while data := conn.recv(16):
+            for signum in data:
+                if signum in RELAYED:
+                    os.kill(os.getpid(), signum)  # Python runs the handler in the main thread
     except OSError:
         pass
     os.kill(os.getpid(), signal.SIGKILL)
@@ -224,23 +276,28 @@ def _die_with_client(conn: socket.socket) -> None:
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked child: become the requesting command, then report its exit status."""
-    rc = 1
-    try:
-        threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
-        os.setsid()
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.dup2(fds[0], 1)
-        os.dup2(fds[1], 2)
-        for fd in fds:
-            os.close(fd)
-        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        sys.argv = ["peft-core", *request["argv"]]
-        from .cli import main
+    from .cli import CELL_COMMANDS, main
+    from .preempt import preemption_flag
 
-        rc = int(main(request["argv"]) or 0)
+    rc = 1
+    # a cell command catches relayed signals from before the relay starts, as it would
+    # from its first line in-process; cli.main's own catcher then shares this flag
+    catch = preemption_flag() if request["argv"][0] in CELL_COMMANDS else contextlib.nullcontext()
+    try:
+        with catch:
+            threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+            os.setsid()
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            for fd in fds:
+                os.close(fd)
+            sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+            sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+            sys.argv = ["peft-core", *request["argv"]]
+            rc = int(main(request["argv"]) or 0)
     except SystemExit as stop:
         rc = stop.code if isinstance(stop.code, int) else 1
     except BaseException:  # report, never let the child fall back into the accept loop
@@ -328,27 +385,3 @@ def serve(path: str | Path, idle_timeout: float = 900.0, parent_pid: int | None 
     finally:
         srv.close()
         path.unlink(missing_ok=True)
-
-
-class Background:
-    """A ``peft-core serve`` process advertised to child processes via $PEFT_CORE_SERVER."""
-
-    def __init__(self) -> None:
-        import subprocess
-        import tempfile
-
-        self.tmp = Path(tempfile.mkdtemp(prefix="peft-core-"))
-        sock = self.tmp / "server.sock"
-        cmd = [sys.executable, "-m", "peft_core.cli", "serve", "--socket", str(sock), "--parent-pid", str(os.getpid())]
-        with open(self.tmp / "server.log", "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-        # Jobs started from now on find it; until it listens they run in-process.
-        os.environ[ENV_VAR] = str(sock)
-
-    def stop(self) -> None:
-        import shutil
-
-        os.environ.pop(ENV_VAR, None)
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)

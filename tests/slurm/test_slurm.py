@@ -210,7 +210,8 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "snakemake.log"
     t0 = time.monotonic()
-    proc = _run(_slurm_cmd(work), log, env=_env())
+    # the plugin deletes a successful job's log unless told to keep it: _assert_members_forwarded reads them
+    proc = _run([*_slurm_cmd(work), "--slurm-keep-successful-logs"], log, env=_env())
     elapsed = time.monotonic() - t0
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"snakemake --profile profiles/slurm failed ({proc.returncode}):\n{_tail(log)}"
@@ -250,6 +251,25 @@ def test_tiny_study_through_sbatch_matches_local_run(slurm_cluster, reference, t
         assert "Requeue=1" in _sh("scontrol", "show", "job", jobid), jobid
 
     _assert_same_results(work, reference)
+    _assert_members_forwarded(text)
+
+
+def _assert_members_forwarded(run_log: str) -> None:
+    """In a group job of two or more members, the driver's fork server ran the members' cells
+    (peft_core/server_launch.py); the first may run in-process while the server still imports
+    torch. A job of one member starts no server."""
+    groups = 0
+    for jobid, path in re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run_log):
+        text = Path(path).read_text(errors="replace")
+        members = {m for m in MEMBER.findall(text)}
+        served = len(re.findall(r"peft-core serve: client pid \d+: forked pid \d+ for train", text))
+        print(f"SLURM job {jobid}: {len(members)} member(s), {served} forwarded to the job's fork server")
+        if len(members) >= 2:
+            groups += 1
+            assert "peft-core serve: pid" in text and len(members) - 1 <= served <= len(members), (jobid, text[-3000:])
+        else:
+            assert "peft-core serve" not in text, (jobid, text[-3000:])
+    assert groups, "no group job of two or more members: nothing was forwarded"
 
 
 def _is_training(what: str) -> bool:
@@ -445,8 +465,17 @@ def test_demo_study_through_sbatch_matches_local_run(slurm_cluster, tmp_path):
            "--directory", str(local), "--configfile", str(local / "demo.yaml")]  # fmt: skip
     proc = _run(cmd, tmp_path / "local.log")
     assert proc.returncode == 0, _tail(tmp_path / "local.log")
-    shutil.copytree(local / "data", work / "data")  # generated data and pre-trained backbone: start at training
-    shutil.copytree(local / "results" / "demo" / "backbone", work / "results" / "demo" / "backbone")
+    # generated data and pre-trained backbone: both timed runs below start at training
+    timed = tmp_path / "local_timed"
+    for d in (work, timed):
+        d.mkdir(exist_ok=True)
+        shutil.copy(REPO / "config" / "demo.yaml", d / "demo.yaml")
+        shutil.copytree(local / "data", d / "data")
+        shutil.copytree(local / "results" / "demo" / "backbone", d / "results" / "demo" / "backbone")
+    t0 = time.monotonic()
+    proc = _run([c if c != str(local) else str(timed) for c in cmd[:-1]] + [str(timed / "demo.yaml")], tmp_path / "timed.log")
+    assert proc.returncode == 0, _tail(tmp_path / "timed.log")
+    print(f"demo locally from the same start (profiles/local): {time.monotonic() - t0:.0f} s")
     slurm = [c if c != str(work / "tiny.yaml") else str(work / "demo.yaml") for c in _slurm_cmd(work)]
     slurm[slurm.index(str(RUN_TIMEOUT_S))] = "2700"
     # A group job runs its members one after another (the job step's Snakemake has --jobs 1):

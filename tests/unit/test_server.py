@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import struct
@@ -284,3 +285,50 @@ def test_client_will_not_talk_to_another_users_server(tmp_path, monkeypatch, cap
         monkeypatch.setattr(srv, "_peer_cred", lambda sock: (1, os.getuid() + 1, 0))
         assert srv.forward(["train"]) is None  # runs in-process instead, and says why
     assert "not you; running in-process" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ signals (SLURM group jobs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_the_client_reaches_the_forwarded_cell(server, tmp_path, signum):
+    """Under SLURM the client is what the job step signals (requeue: SIGTERM; the profile's early
+    warning: SIGUSR1, which the step's Snakemake makes the client inherit as ignored); the worker,
+    forked outside the step, must still save its state at the epoch end, and the retry resume it."""
+    sock, log = server
+    toycell.write_inputs(tmp_path, n_train=512)
+    cell = toycell.spec("lora", {"rank": 2}, epochs=6)
+    done, _ = peft(toycell.train_args(cell, "uninterrupted"), None, tmp_path)
+    assert done.returncode == 0, done.stderr
+    cmd = [sys.executable, "-m", "peft_core.cli", *toycell.train_args(cell, "cell")]
+    ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731  (as peft_core.preempt sets it)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(sock), stderr=subprocess.PIPE, text=True, preexec_fn=ignore_usr1)
+    for line in proc.stderr:
+        if line.startswith("epoch 1/"):
+            proc.send_signal(signum)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 75, rest
+    assert forwarded(log, proc.pid), log.read_text()
+    assert "preempted: state saved" in rest and "epoch 6/6" not in rest
+    assert (tmp_path / "cell" / "resume.pt").is_file() and not (tmp_path / "cell" / "metrics.json").exists()
+    again, pid = peft(toycell.train_args(cell, "cell"), sock, tmp_path)
+    assert again.returncode == 0 and "resumed from" in again.stderr and forwarded(log, pid), again.stderr
+    ours, ref = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("cell", "uninterrupted"))
+    assert (ours["accuracy"], ours["final_train_loss"]) == (ref["accuracy"], ref["final_train_loss"])
+
+
+def test_only_a_group_jobs_driver_starts_a_server():
+    from peft_core.server_launch import group_job_members
+
+    driver = ["python", "-m", "snakemake", "--snakefile", "S", "--target-jobs", "train_pack:pack=a",
+              "train_pack:pack=b", "--executor", "slurm-jobstep", "--jobs", "1", "--mode", "remote"]  # fmt: skip
+    job = {"SLURM_JOB_ID": "7"}
+    assert group_job_members(driver, job) == 2
+    assert group_job_members(driver[:7] + driver[8:], job) == 1  # a job of one member
+    assert group_job_members(driver, {**job, "SLURM_STEP_ID": "0"}) == 0  # a member, inside its step
+    assert group_job_members(driver, {}) == 0  # not in an allocation
+    local = ["snakemake", "--profile", "profiles/local"]
+    assert group_job_members(local, job) == 0  # a whole run inside an sbatch script: the local server
+    member = [a if a != "slurm-jobstep" else "local" for a in driver]
+    assert group_job_members(member, job) == 0

@@ -1,7 +1,9 @@
 # The only place with Python helpers: config validation, cell expansion,
 # wildcard constraints and input functions.
+import atexit
 import json
 import os
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -17,7 +19,7 @@ from peft_core.packs import group_into_packs, pack_id
 from peft_core.paper import FORMATS, report_outputs
 from peft_core.preempt import ignore_step_warning
 from peft_core.prestep import prestep_spec
-from peft_core.server import Background
+from peft_core.server_launch import Background, group_job_members
 from peft_core.slurm_guard import (
     TARGETS_ENV,
     missing_line,
@@ -472,15 +474,29 @@ def start_fork_server(log):
     """Local runs: one `peft-core serve` process spares every cell ~4 s of imports.
 
     Jobs find it through $PEFT_CORE_SERVER and fall back to running in-process
-    while it starts or if it is gone. Off under cluster executors, under conda
-    deployment (jobs must use their own environment) and with compute.fork_server: false.
+    while it starts or if it is gone. Off under cluster executors (their group
+    jobs start their own: start_group_job_server), under conda deployment (jobs
+    must use their own environment) and with compute.fork_server: false.
     """
-    if (
-        workflow.local_exec
-        and CFG.compute.fork_server
-        and not workflow.deployment_settings.deployment_method
-    ):
+    if workflow.local_exec and fork_server_allowed():
         FORK_SERVER["server"] = Background()
+
+
+def start_group_job_server():
+    """SLURM group jobs: the driver (the batch script's Snakemake, which runs no hooks) starts
+    one server for its members when it runs two or more (peft_core/server_launch.py); the server
+    ends with the driver. Called while the Snakefile is parsed."""
+    if group_job_members(sys.argv, os.environ) >= 2 and fork_server_allowed():
+        FORK_SERVER["server"] = Background(inherit_output=True)
+        atexit.register(stop_fork_server)
+
+
+def fork_server_allowed():
+    return (
+        CFG.compute.fork_server
+        and not workflow.deployment_settings.deployment_method
+        and "server" not in FORK_SERVER
+    )
 
 
 def stop_fork_server():
