@@ -11,7 +11,10 @@ over a Unix socket and waits for the child's exit status.
 Each request runs in a freshly forked child: no state is shared between
 cells (the parent never runs a torch op, so no thread pool exists at fork
 time). Without a reachable server the command simply runs in-process, so the
-server is an optimisation only, never a requirement (SLURM jobs run without it).
+server is an optimisation only, never a requirement (where it starts, locally
+and in SLURM group jobs: peft_core/server_launch.py). The client relays
+SIGTERM and SIGUSR1 to its worker, so preemption acts on a forwarded cell as
+on an in-process one.
 
 It runs commands for its own user only: the socket is mode 0600 in a
 directory that is not world-writable, the peer's uid (SO_PEERCRED) must be
@@ -276,14 +279,14 @@ def _die_with_client(conn: socket.socket) -> None:
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked child: become the requesting command, then report its exit status."""
-    from .cli import CELL_COMMANDS, main
-    from .preempt import preemption_flag
-
     rc = 1
-    # a cell command catches relayed signals from before the relay starts, as it would
-    # from its first line in-process; cli.main's own catcher then shares this flag
-    catch = preemption_flag() if request["argv"][0] in CELL_COMMANDS else contextlib.nullcontext()
     try:
+        from .cli import CELL_COMMANDS, main
+        from .preempt import preemption_flag
+
+        # a cell command catches relayed signals from before the relay starts, as it would
+        # from its first line in-process; cli.main's own catcher then shares this flag
+        catch = preemption_flag() if request["argv"][0] in CELL_COMMANDS else contextlib.nullcontext()
         with catch:
             threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
             os.setsid()
