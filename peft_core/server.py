@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .preempt import PREEMPT_SIGNALS
 
 ENV_VAR = "PEFT_CORE_SERVER"
 _HEADER = struct.Struct("!I")
@@ -46,8 +47,8 @@ _RC = struct.Struct("!i")
 # many times per study; cli.FORWARDED, the ones the client sends, must be a
 # subset). Anything else is refused, whoever asks.
 ALLOWED = frozenset({"train", "train-pack", "prestep", "features", "robustness"})
-# The signals a client hands on to its worker (SLURM's requeue and early warning).
-RELAYED = frozenset({signal.SIGTERM, signal.SIGUSR1})
+# The signals a client hands on to its worker: the preemption signals (SLURM's requeue, its early warning).
+RELAYED = frozenset(PREEMPT_SIGNALS)
 # A request is argv + cwd + environment: far below this.
 MAX_REQUEST = 1 << 22
 # A client has this long to send its whole request (the server reads one

@@ -261,7 +261,7 @@ def _assert_members_forwarded(run_log: str) -> None:
     groups = 0
     for jobid, path in re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", run_log):
         text = Path(path).read_text(errors="replace")
-        members = {m for m in MEMBER.findall(text)}
+        members = set(MEMBER.findall(text))
         served = len(re.findall(r"peft-core serve: client pid \d+: forked pid \d+ for train", text))
         print(f"SLURM job {jobid}: {len(members)} member(s), {served} forwarded to the job's fork server")
         if len(members) >= 2:
