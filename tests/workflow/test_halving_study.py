@@ -9,6 +9,7 @@ grid reuses the finished cells and resumes the others (grid and halving share ce
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -34,6 +35,22 @@ def _new_packs(before: dict, after: dict) -> list[str]:
 
     ids = lambda cfg: [pack_id(p) for p in group_into_packs(load_study(cfg).tuning_cells("digits", "lora"))]  # noqa: E731
     return [p for p in ids(after) if p not in ids(before)]
+
+
+def _replayed(work, r0: dict) -> dict:
+    """benchmarks/halving_replay.py's replay of this run from the run's own records (every cell at
+    2 epochs, the promoted ones at 6)."""
+    spec = importlib.util.spec_from_file_location("halving_replay", REPO / "benchmarks" / "halving_replay.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    configs = []
+    for row in r0["ranked"]:
+        cell = work / row["dir"]
+        records = {"2": json.loads((cell / "rungs" / "e2.json").read_text())}
+        if (cell / "metrics.json").is_file():
+            records["6"] = json.loads((cell / "metrics.json").read_text())
+        configs.append({"cell": row["cell"], "spec": row["spec"], "records": records})
+    return mod.replay(configs, 3, 2, 6)
 
 
 def _rules(jobs) -> Counter:
@@ -81,6 +98,8 @@ def test_run_promotes_resumes_and_shares_cells_with_the_grid(tmp_path):
     assert sel["val_accuracy"] == max(r["accuracy"] for r in r1["ranked"])
     assert [(r["epochs"], r["configurations"]) for r in sel["rungs"]] == [(2, 6), (6, 2)]
     assert sel["selection_images"] == 800 * (6 * 2 + 2 * 4)  # rung 0: 6 x 2 epochs; rung 1: 2 x 4 more
+    replayed = _replayed(work, r0)  # the benchmark's replay makes the workflow's choice at its cost
+    assert (replayed["chosen"], replayed["images"]) == (sel["chosen"], sel["selection_images"])
     summary = (work / "reports/tiny_halving/summary.md").read_text()
     assert "| halving |" in summary
     assert run_in_subprocess(work, config, dryrun=True) == []

@@ -1,0 +1,245 @@
+"""Successive halving replayed exactly for many (eta, min_epochs) from one training of the grid.
+
+Why a replay is exact: a halving rung trains the grid's own cell, with the learning-rate
+schedule of the full budget, and stops at the rung's budget; a promoted cell resumes from
+the saved state, so its numbers at every budget are those of one uninterrupted run (bit for
+bit on CPU fp32: tests/unit/test_halving.py). Training every configuration once, stopping
+(and recording its validation accuracy) at every budget any replayed setting uses, therefore
+gives what every rung of every setting would see. Each setting is then replayed with the
+workflow's own functions (``halving.budgets``, ``halving.rung_sizes``, ``halving.rank`` for
+the promotions, ``select.select`` for the last rung and for the grid), and every
+configuration's final run (``train800val200`` -> ``test``, seed 0) gives the test accuracy of
+whichever one a setting chooses. Selection stays on validation only; test is read to score
+the choices, and for one baseline: a configuration chosen at random (each pair's mean).
+
+Printed: per setting, the selection's training images (each rung: its configurations x the
+epochs from the previous budget x ``n_train``, as ``halving.ranking`` counts them), the ratio
+to the grid's, how many (data set, method) pairs chose the grid's configuration, the mean
+selected validation and test accuracy, its difference to the grid's and a 95 % Student-t
+interval of that difference over the pairs (paired by pair); per budget, the mean
+Spearman rank correlation (scipy) between the validation accuracies at that budget and at the
+full budget, over the pairs with at least 4 configurations.
+
+The study is study_cost.py's (the demo's data, backbone and learning rates; each method's grid
+as wide as the reference's). The data and backbone are made by the workflow; the cells train
+here, in ``--jobs`` processes of one thread each, under ``<work>/replay/``.
+
+Example:  python benchmarks/halving_replay.py --datasets digits textures --epochs 18 --work results/study_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from study_cost import QUICK_METHODS, run_study, study_config  # noqa: E402
+
+from peft_core.halving import budgets, rank, rung_sizes  # noqa: E402
+
+#: the settings replayed by default: eta x the first rung's budget
+SETTINGS = [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3), (3, 6), (4, 1), (4, 2)]
+
+
+def ladder(settings: list[tuple[int, int]], epochs: int) -> list[int]:
+    """Every budget any setting stops at, ascending, ending with the full budget."""
+    return sorted({b for eta, m in settings for b in budgets(m, eta, epochs)} | {epochs})
+
+
+def _cache(work: Path, study: str, dataset: str, split: str, size: int, interp: str) -> str:
+    return str(work / "results" / study / "cache" / dataset / f"{split}_{size}px_{interp}.safetensors")
+
+
+def _train(task: dict) -> dict:
+    """One configuration trained once, stopping at every budget of ``task['ladder']`` (a worker)."""
+    from peft_core.cells import CellSpec
+    from peft_core.train import run_cell
+
+    spec = CellSpec.model_validate(task["spec"])
+    out = Path(task["out"])
+    done = out / "ladder.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a ladder cut short restarts: no half-known resume state
+    quiet = lambda msg: None  # noqa: E731
+    records: dict[str, dict] = {}
+    last = None
+    for b in task["ladder"]:
+        if last is not None and last["status"] != "ok":  # diverged: no state to resume, later rungs the same
+            records[str(b)] = last
+            continue
+        stop = b if b < spec.epochs else None
+        m = run_cell(spec, task["train"], task["eval"], task["checkpoint"], out, 1, "cpu", quiet, stop_at=stop)
+        last = {k: m.get(k) for k in ("accuracy", "status", "eval_split", "n_train", "trainable_params")}
+        records[str(b)] = last
+    result = {"cell": spec.cell_id, "records": records}
+    done.write_text(json.dumps(result))
+    return result
+
+
+def replay(configs: list[dict], eta: int, min_epochs: int, epochs: int) -> dict:
+    """One (data set, method) under one setting: the chosen cell and the selection's images.
+
+    ``configs``: in the config's listed order, each ``{"spec", "records": {budget: record}}``.
+    """
+    from peft_core.cells import CellSpec
+    from peft_core.select import select
+
+    steps = budgets(min_epochs, eta, epochs)
+    sizes = rung_sizes(len(configs), eta, len(steps))
+    by_cell = {c["cell"]: c for c in configs}
+    alive = list(by_cell)
+    images, previous = 0, 0
+    for b, size in zip(steps, sizes):
+        alive = alive[:size]
+        rows = [{"cell": c, "dir": "", "spec": by_cell[c]["spec"]} for c in alive]
+        recs = [by_cell[c]["records"][str(b)] for c in alive]
+        images += sum(r["n_train"] * (b - previous) for r in recs)
+        alive = [row["cell"] for row in rank(rows, recs, recs[0]["eval_split"])]
+        previous = b
+    last = [(CellSpec.model_validate(by_cell[c]["spec"]), by_cell[c]["records"][str(epochs)]) for c in alive]
+    chosen = select(last, last[0][1]["eval_split"])
+    return {"chosen": chosen["chosen"], "val": chosen["val_accuracy"], "images": images}
+
+
+def grid_choice(configs: list[dict], epochs: int) -> dict:
+    """The grid: every configuration at the full budget, chosen as ``select_config`` chooses."""
+    from peft_core.cells import CellSpec
+    from peft_core.select import select
+
+    cands = [(CellSpec.model_validate(c["spec"]), c["records"][str(epochs)]) for c in configs]
+    chosen = select(cands, cands[0][1]["eval_split"])
+    return {"chosen": chosen["chosen"], "val": chosen["val_accuracy"],
+            "images": sum(m["n_train"] * epochs for _, m in cands)}  # fmt: skip
+
+
+def fidelity(configs: list[dict], budget: int, epochs: int) -> float | None:
+    """Spearman's rho between the validation accuracies at ``budget`` and at the full budget."""
+    from scipy.stats import spearmanr
+
+    if len(configs) < 4:
+        return None
+    early = [c["records"][str(budget)]["accuracy"] for c in configs]
+    full = [c["records"][str(epochs)]["accuracy"] for c in configs]
+    if len(set(early)) < 2 or len(set(full)) < 2:
+        return None
+    return float(spearmanr(early, full).statistic)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["digits", "textures"])
+    p.add_argument("--methods", nargs="+", default=QUICK_METHODS)
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
+    p.add_argument("--work", type=Path, default=REPO / "results" / "study_cost")
+    a = p.parse_args(argv)
+    from peft_core.cells import CellSpec, final_cells
+    from peft_core.config import load_study
+
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = study_config("grid", a.methods, a.datasets, a.epochs, 3, 2, [0])
+    # two passes: with the data still to be made, `--until ... cache_split` ends with Snakemake's
+    # "Out of jobs ready to be started" (snakemake/snakemake#823) and the caches unbuilt
+    run_study(cfg, work, a.jobs, ["make_demo_data", "pretrain_demo_backbone"])
+    run_study(cfg, work, a.jobs, ["cache_split"])
+    study = load_study(cfg)
+    d = study.cfg.data
+    path = lambda ds, split: _cache(work, cfg["study"], ds, split, d.image_size, d.interpolation)  # noqa: E731
+    ckpt = str(work / study.cfg.backbone.checkpoint)
+    steps = ladder(SETTINGS, a.epochs)
+    pairs = {(ds, m): study.tuning_cells(ds, m) for ds in a.datasets for m in a.methods}
+    tasks = [{"spec": s.model_dump(mode="json"), "out": str(work / "replay" / "tune" / ds / m / s.cell_id),
+              "train": path(ds, d.tune_train), "eval": path(ds, d.tune_eval), "checkpoint": ckpt, "ladder": steps}
+             for (ds, m), specs in pairs.items() for s in specs]  # fmt: skip
+    print(f"{len(tasks)} configurations, each trained once with stops at {steps}", flush=True)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as pool:
+        done = {r["cell"]: r["records"] for r in pool.map(_train, tasks)}
+    print(f"tuning cells: {time.perf_counter() - t0:.0f} s", flush=True)
+    configs = {k: [{"cell": s.cell_id, "spec": s.model_dump(mode="json"), "records": done[s.cell_id]} for s in specs]
+               for k, specs in pairs.items()}  # fmt: skip
+    grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
+    runs = {s: {k: replay(c, *s, a.epochs) for k, c in configs.items()} for s in SETTINGS}
+    # every configuration's final run: the test accuracy of any choice, and of a choice at random
+    spec_of = {c["cell"]: (k, c["spec"]) for k, cs in configs.items() for c in cs}
+    finals = []
+    for cell in sorted(spec_of):
+        (ds, m), raw = spec_of[cell]
+        spec = final_cells(CellSpec.model_validate(raw), [0], d.final_train, d.final_eval)[0]
+        finals.append({"spec": spec.model_dump(mode="json"), "out": str(work / "replay" / "final" / ds / m / cell),
+                       "train": path(ds, d.final_train), "eval": path(ds, d.final_eval), "checkpoint": ckpt,
+                       "ladder": [a.epochs], "tuning_cell": cell})  # fmt: skip
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as pool:
+        test = {t["tuning_cell"]: r["records"][str(a.epochs)] for t, r in zip(finals, pool.map(_train, finals))}
+    print(f"final runs of the {len(finals)} configurations: {time.perf_counter() - t0:.0f} s\n")
+    report(grid, runs, test, configs, steps, a.epochs, (d.final_train, d.final_eval))
+    return 0
+
+
+def _mean(xs) -> float:
+    """A mean of fractions, in percent."""
+    return 100 * statistics.mean(xs)
+
+
+def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of paired differences (points), over the (data set, method) pairs."""
+    from scipy import stats
+
+    m = statistics.mean(diffs)
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return m, m
+    return tuple(stats.t.interval(level, len(diffs) - 1, loc=m, scale=stats.sem(diffs)))
+
+
+def report(grid, runs, finals, configs, steps, epochs, final) -> None:
+    """The tables of the module docstring; ``finals``: the final run's record of every configuration."""
+    test = {cell: 100 * r["accuracy"] for cell, r in finals.items()}
+    g_sel = sum(r["images"] for r in grid.values())
+    g_test = {k: test[r["chosen"]] for k, r in grid.items()}
+    fin = sum(finals[r["chosen"]]["n_train"] * epochs for r in grid.values())  # the same count under every setting
+    print(f"grid: {len(grid)} (data set, method) pairs, selection {g_sel:,} images, final runs {fin:,} "
+          f"({final[0]} -> {final[1]}, seed 0), mean selected val {_mean(r['val'] for r in grid.values()):.2f} "
+          f"/ test {statistics.mean(g_test.values()):.2f}\n")  # fmt: skip
+    print("| eta | min_epochs | budgets | selection images | fewer (selection) | fewer (with final runs) "
+          "| same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, 12 pairs) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (eta, m), res in runs.items():
+        sel = sum(r["images"] for r in res.values())
+        same = sum(res[k]["chosen"] == grid[k]["chosen"] for k in grid)
+        diffs = [test[res[k]["chosen"]] - g_test[k] for k in grid]
+        lo, hi = paired_ci(diffs)
+        print(f"| {eta} | {m} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
+              f"{(g_sel + fin) / (sel + fin):.2f}x | {same}/{len(grid)} | {_mean(r['val'] for r in res.values()):.2f} "
+              f"| {statistics.mean(test[r['chosen']] for r in res.values()):.2f} | {statistics.mean(diffs):+.2f} "
+              f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+    rand = [statistics.mean(test[c["cell"]] for c in configs[k]) - g_test[k] for k in grid]
+    lo, hi = paired_ci(rand)
+    print(f"| a configuration at random (the mean over each pair's configurations) | | | 0 | | | | | "
+          f"{statistics.mean(g_test.values()) + statistics.mean(rand):.2f} | {statistics.mean(rand):+.2f} "
+          f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+    print("\n| budget (epochs) | mean Spearman rho vs the full budget (pairs with >= 4 configurations) |")
+    print("|---:|---:|")
+    for b in steps[:-1]:
+        rhos = [r for r in (fidelity(c, b, epochs) for c in configs.values()) if r is not None]
+        print(f"| {b} | {statistics.mean(rhos):.2f} (n={len(rhos)}) |" if rhos else f"| {b} | - |")
+    print("\nper pair: grid's choice val / test, then each setting's (val / test, * = the grid's configuration)")
+    for k, g in grid.items():
+        cells = [f"{100 * r[k]['val']:.1f}/{test[r[k]['chosen']]:.1f}{'*' if r[k]['chosen'] == g['chosen'] else ''}"
+                 for r in runs.values()]  # fmt: skip
+        print(f"{k[0]:>9} {k[1]:>9}  grid {100 * g['val']:.1f}/{g_test[k]:.1f}   " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

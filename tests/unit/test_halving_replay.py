@@ -1,0 +1,66 @@
+"""benchmarks/halving_replay.py: a setting replayed from per-budget records, as the workflow runs it.
+
+The workflow's own run is compared in tests/workflow/test_halving_study.py (slow); here the
+replay's rules on made-up records: rung sizes, promotions by validation accuracy (ties by cell
+id), the last rung's choice and the images counted rung by rung.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from peft_core.config import load_study
+
+REPO = Path(__file__).resolve().parents[2]
+
+_spec = importlib.util.spec_from_file_location("halving_replay", REPO / "benchmarks" / "halving_replay.py")
+replay_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(replay_mod)
+
+
+def _configs(acc: dict[int, list[float]]) -> list[dict]:
+    """The tiny halving study's 6 LoRA configurations with the given accuracy per budget."""
+    specs = load_study(REPO / "tests" / "configs" / "tiny_halving.yaml").tuning_cells("digits", "lora")
+    return [
+        {"cell": s.cell_id, "spec": s.model_dump(mode="json"),
+         "records": {str(b): {"accuracy": a[i], "status": "ok", "eval_split": "val200", "n_train": 800,
+                              "trainable_params": 100 + i} for b, a in acc.items()}}
+        for i, s in enumerate(specs)
+    ]  # fmt: skip
+
+
+def test_ladder_is_every_budget_of_every_setting():
+    assert replay_mod.ladder([(3, 2), (2, 1)], 6) == [1, 2, 4, 6]
+
+
+def test_replay_promotes_by_validation_and_counts_rung_images():
+    configs = _configs({2: [0.1, 0.5, 0.3, 0.5, 0.2, 0.0], 6: [0.9, 0.2, 0.1, 0.4, 0.9, 0.9]})
+    out = replay_mod.replay(configs, 3, 2, 6)  # budgets 2, 6; sizes 6, 2
+    # configurations 1 and 3 (0.5 at 2 epochs) are promoted; 3 is the better of the two at 6 epochs
+    assert out["chosen"] == configs[3]["cell"] and out["val"] == 0.4
+    assert out["images"] == 800 * (6 * 2 + 2 * 4)
+    grid = replay_mod.grid_choice(configs, 6)  # 0.9 three times: fewest trainable parameters, then order
+    assert grid["chosen"] == configs[0]["cell"] and grid["images"] == 800 * 6 * 6
+
+
+def test_a_tie_at_the_cut_goes_to_the_lower_cell_id():
+    configs = _configs({2: [0.5] * 6, 6: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})
+    out = replay_mod.replay(configs, 3, 2, 6)
+    first_two = sorted(c["cell"] for c in configs)[:2]
+    best = max((c for c in configs if c["cell"] in first_two), key=lambda c: c["records"]["6"]["accuracy"])
+    assert out["chosen"] == best["cell"]
+
+
+def test_paired_interval_covers_the_mean_and_is_a_point_without_spread():
+    lo, hi = replay_mod.paired_ci([-1.0, 0.0, 0.5, -0.5])
+    assert lo < -0.25 < hi
+    assert replay_mod.paired_ci([0.0, 0.0]) == (0.0, 0.0)
+
+
+def test_fidelity_needs_four_configurations_and_spread():
+    configs = _configs({2: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 6: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]})
+    assert replay_mod.fidelity(configs, 2, 6) == pytest.approx(1.0)
+    assert replay_mod.fidelity(configs[:3], 2, 6) is None
