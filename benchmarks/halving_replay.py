@@ -213,7 +213,7 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
           f"({final[0]} -> {final[1]}, seed 0), mean selected val {_mean(r['val'] for r in grid.values()):.2f} "
           f"/ test {statistics.mean(g_test.values()):.2f}\n")  # fmt: skip
     print("| eta | min_epochs | budgets | selection images | fewer (selection) | fewer (with final runs) "
-          "| same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, 12 pairs) |")
+          f"| same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, {len(grid)} pairs) |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for (eta, m), res in runs.items():
         sel = sum(r["images"] for r in res.values())
