@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
     p.add_argument("--work", type=Path, default=REPO / "results" / "study_cost")
     a = p.parse_args(argv)
-    from peft_core.cells import CellSpec, final_cells
+    from peft_core.cells import final_cells
     from peft_core.config import load_study
 
     work = a.work.resolve()
@@ -172,14 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
     runs = {s: {k: replay(c, *s, a.epochs) for k, c in configs.items()} for s in SETTINGS}
     # every configuration's final run: the test accuracy of any choice, and of a choice at random
-    spec_of = {c["cell"]: (k, c["spec"]) for k, cs in configs.items() for c in cs}
-    finals = []
-    for cell in sorted(spec_of):
-        (ds, m), raw = spec_of[cell]
-        spec = final_cells(CellSpec.model_validate(raw), [0], d.final_train, d.final_eval)[0]
-        finals.append({"spec": spec.model_dump(mode="json"), "out": str(work / "replay" / "final" / ds / m / cell),
-                       "train": path(ds, d.final_train), "eval": path(ds, d.final_eval), "checkpoint": ckpt,
-                       "ladder": [a.epochs], "tuning_cell": cell})  # fmt: skip
+    finals = [{"spec": final_cells(s, [0], d.final_train, d.final_eval)[0].model_dump(mode="json"),
+               "out": str(work / "replay" / "final" / ds / m / s.cell_id), "train": path(ds, d.final_train),
+               "eval": path(ds, d.final_eval), "checkpoint": ckpt, "ladder": [a.epochs], "tuning_cell": s.cell_id}
+              for (ds, m), specs in pairs.items() for s in specs]  # fmt: skip
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as pool:
         test = {t["tuning_cell"]: r["records"][str(a.epochs)] for t, r in zip(finals, pool.map(_train, finals))}

@@ -43,12 +43,15 @@ def _replayed(work, r0: dict) -> dict:
     spec = importlib.util.spec_from_file_location("halving_replay", REPO / "benchmarks" / "halving_replay.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    from peft_core.packs import rung_record_path
+    from peft_core.results import METRICS, read_json
+
     configs = []
     for row in r0["ranked"]:
         cell = work / row["dir"]
-        records = {"2": json.loads((cell / "rungs" / "e2.json").read_text())}
-        if (cell / "metrics.json").is_file():
-            records["6"] = json.loads((cell / "metrics.json").read_text())
+        records = {"2": read_json(rung_record_path(cell, 2))}
+        if (cell / METRICS).is_file():
+            records["6"] = read_json(cell / METRICS)
         configs.append({"cell": row["cell"], "spec": row["spec"], "records": records})
     return mod.replay(configs, 3, 2, 6)
 
