@@ -36,6 +36,16 @@ class Study:
     def name(self) -> str:
         return self.cfg.study
 
+    def split_cache(self, dataset: str, split: str) -> str:
+        """The decoded split's file, relative to the working directory; its name holds the size
+        and resize filter (the cache's identity). A data set with ``test_cache_from`` reads that
+        data set's test cache (the same listing, checked when it is cached)."""
+        d = self.cfg.data
+        shared = self.cfg.datasets[dataset].test_cache_from if dataset in self.cfg.datasets else None
+        if shared and split == d.final_eval:
+            dataset = shared
+        return f"results/{self.name}/cache/{dataset}/{split}_{d.image_size}px_{d.interpolation}.safetensors"
+
     def method_names(self) -> list[str]:
         """Configured methods, in the order the config lists them."""
         chosen = [m for m in type(self.cfg.methods).model_fields if getattr(self.cfg.methods, m) is not None]

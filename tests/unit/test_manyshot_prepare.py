@@ -113,7 +113,9 @@ def test_cli_writes_subsets_and_a_study_shares_their_test_cache(tmp_path, capsys
         },
         "methods": {"linear": {}},
     }
-    load_study(cfg)
+    study = load_study(cfg)  # the workflow's cache paths: the subset's own train, the full set's test
+    assert study.split_cache("toy_20", "train") == "results/ms/cache/toy_20/train_32px_bicubic.safetensors"
+    assert study.split_cache("toy_20", "test") == "results/ms/cache/toy_full/test_32px_bicubic.safetensors"
     (out / "toy_20" / "test.csv").write_text("path,label\n")
     with pytest.raises(InputError, match=r"datasets\.toy_20\.test_cache_from: .* differ"):
         load_study(cfg)

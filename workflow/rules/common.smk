@@ -136,13 +136,8 @@ def cell_dir(spec):
 
 
 def cache_path(dataset, split):
-    """The decoded split; its name holds the size and resize filter (the cache's identity).
-    A data set with ``test_cache_from`` reads that data set's test cache (same listing, checked).
-    """
-    shared = CFG.datasets[dataset].test_cache_from if dataset in CFG.datasets else None
-    if shared and split == CFG.data.final_eval:
-        dataset = shared
-    return f"{RES}/cache/{dataset}/{split}_{CFG.data.image_size}px_{CFG.data.interpolation}.safetensors"
+    """The decoded split (``Study.split_cache``: the name holds the cache's identity)."""
+    return STUDY.split_cache(dataset, split)
 
 
 def disjoint_splits(split):
