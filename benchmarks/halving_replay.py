@@ -20,11 +20,17 @@ interval of that difference over the pairs (paired by pair); per budget, the mea
 Spearman rank correlation (scipy) between the validation accuracies at that budget and at the
 full budget, over the pairs with at least 4 configurations.
 
+``--tune-seeds 0 1`` repeats the whole tuning with another ``train.tune_seed`` (other data
+orders and initialisations; the final runs stay seed 0 and score every seed's choices). It
+prints each seed's tables, then how far the grid's own choice moves between seeds (the floor
+below which a difference cannot be told from re-running the grid), and each setting pooled: a
+pair's (setting - grid) averaged over the seeds, the interval over the pairs.
+
 The study is study_cost.py's (the demo's data, backbone and learning rates; each method's grid
 as wide as the reference's). The data and backbone are made by the workflow; the cells train
 here, in ``--jobs`` processes of one thread each, under ``<work>/replay/``.
 
-Example:  python benchmarks/halving_replay.py --datasets digits textures --epochs 18 --work results/study_cost
+Example:  python benchmarks/halving_replay.py --datasets digits textures --epochs 18 --tune-seeds 0 1
 """
 
 from __future__ import annotations
@@ -53,10 +59,6 @@ SETTINGS = [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3), (3, 6), (4, 1), (4, 
 def ladder(settings: list[tuple[int, int]], epochs: int) -> list[int]:
     """Every budget any setting stops at, ascending, ending with the full budget."""
     return sorted({b for eta, m in settings for b in budgets(m, eta, epochs)} | {epochs})
-
-
-def _cache(work: Path, study: str, dataset: str, split: str, size: int, interp: str) -> str:
-    return str(work / "results" / study / "cache" / dataset / f"{split}_{size}px_{interp}.safetensors")
 
 
 def _train(task: dict) -> dict:
@@ -140,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=["digits", "textures"])
     p.add_argument("--methods", nargs="+", default=QUICK_METHODS)
     p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=[0],
+                   help="each a replicate of the whole tuning (train.tune_seed); the final runs stay seed 0")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
     p.add_argument("--work", type=Path, default=REPO / "results" / "study_cost")
     a = p.parse_args(argv)
-    from peft_core.cells import final_cells
+    from peft_core.cells import CellSpec
     from peft_core.config import load_study
 
     work = a.work.resolve()
@@ -153,35 +157,53 @@ def main(argv: list[str] | None = None) -> int:
     # "Out of jobs ready to be started" (snakemake/snakemake#823) and the caches unbuilt
     run_study(cfg, work, a.jobs, ["make_demo_data", "pretrain_demo_backbone"])
     run_study(cfg, work, a.jobs, ["cache_split"])
-    study = load_study(cfg)
-    d = study.cfg.data
-    path = lambda ds, split: _cache(work, cfg["study"], ds, split, d.image_size, d.interpolation)  # noqa: E731
-    ckpt = str(work / study.cfg.backbone.checkpoint)
     steps = ladder(SETTINGS, a.epochs)
-    pairs = {(ds, m): study.tuning_cells(ds, m) for ds in a.datasets for m in a.methods}
-    tasks = [{"spec": s.model_dump(mode="json"), "out": str(work / "replay" / "tune" / ds / m / s.cell_id),
-              "train": path(ds, d.tune_train), "eval": path(ds, d.tune_eval), "checkpoint": ckpt, "ladder": steps}
-             for (ds, m), specs in pairs.items() for s in specs]  # fmt: skip
-    print(f"{len(tasks)} configurations, each trained once with stops at {steps}", flush=True)
+    seeds = {}
+    for seed in a.tune_seeds:
+        study = load_study({**cfg, "train": {**cfg["train"], "tune_seed": seed}})
+        pairs = {(ds, m): study.tuning_cells(ds, m) for ds in a.datasets for m in a.methods}
+        tasks = [_task(work, study, s, "tune", steps) for specs in pairs.values() for s in specs]
+        print(f"tuning seed {seed}: {len(tasks)} configurations, each trained once with stops at {steps}", flush=True)
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(a.jobs) as pool:
+            done = {r["cell"]: r["records"] for r in pool.map(_train, tasks)}
+        print(f"tuning cells: {time.perf_counter() - t0:.0f} s", flush=True)
+        seeds[seed] = {k: [{"cell": s.cell_id, "spec": s.model_dump(mode="json"), "records": done[s.cell_id]}
+                           for s in specs] for k, specs in pairs.items()}  # fmt: skip
+    # every configuration's final run (seed 0, whichever tuning seed chose it): the test accuracy
+    # of any choice, and of a choice at random
+    finals = {c["cell"]: _task(work, study, CellSpec.model_validate(c["spec"]), "final", [a.epochs])
+              for configs in seeds.values() for cs in configs.values() for c in cs}  # fmt: skip
+    unique = list({t["out"]: t for t in finals.values()}.values())  # one final run serves every tuning seed
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as pool:
-        done = {r["cell"]: r["records"] for r in pool.map(_train, tasks)}
-    print(f"tuning cells: {time.perf_counter() - t0:.0f} s", flush=True)
-    configs = {k: [{"cell": s.cell_id, "spec": s.model_dump(mode="json"), "records": done[s.cell_id]} for s in specs]
-               for k, specs in pairs.items()}  # fmt: skip
-    grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
-    runs = {s: {k: replay(c, *s, a.epochs) for k, c in configs.items()} for s in SETTINGS}
-    # every configuration's final run: the test accuracy of any choice, and of a choice at random
-    finals = [{"spec": final_cells(s, [0], d.final_train, d.final_eval)[0].model_dump(mode="json"),
-               "out": str(work / "replay" / "final" / ds / m / s.cell_id), "train": path(ds, d.final_train),
-               "eval": path(ds, d.final_eval), "checkpoint": ckpt, "ladder": [a.epochs], "tuning_cell": s.cell_id}
-              for (ds, m), specs in pairs.items() for s in specs]  # fmt: skip
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(a.jobs) as pool:
-        test = {t["tuning_cell"]: r["records"][str(a.epochs)] for t, r in zip(finals, pool.map(_train, finals))}
-    print(f"final runs of the {len(finals)} configurations: {time.perf_counter() - t0:.0f} s\n")
-    report(grid, runs, test, configs, steps, a.epochs, (d.final_train, d.final_eval))
+        by_out = {t["out"]: r["records"][str(a.epochs)] for t, r in zip(unique, pool.map(_train, unique))}
+    print(f"final runs of the {len(unique)} configurations: {time.perf_counter() - t0:.0f} s\n")
+    test = {cell: by_out[t["out"]] for cell, t in finals.items()}
+    final = (study.cfg.data.final_train, study.cfg.data.final_eval)
+    outcomes = {}
+    for seed, configs in seeds.items():
+        grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
+        runs = {s: {k: replay(c, *s, a.epochs) for k, c in configs.items()} for s in SETTINGS}
+        print(f"## tuning seed {seed}\n")
+        report(grid, runs, test, configs, steps, a.epochs, final)
+        outcomes[seed] = (grid, runs)
+    if len(outcomes) > 1:  # a configuration across seeds: its final run's cell (the tuning cells differ by seed)
+        replicates(outcomes, test, {cell: t["cell"] for cell, t in finals.items()})
     return 0
+
+
+def _task(work: Path, study, spec, stage: str, steps: list[int]) -> dict:
+    """One configuration's training: a tuning cell (``stage`` "tune") or its final run (seed 0)."""
+    from peft_core.cells import final_cells
+
+    d = study.cfg.data
+    if stage == "final":
+        spec = final_cells(spec, [0], d.final_train, d.final_eval)[0]
+    train, ev = (d.tune_train, d.tune_eval) if stage == "tune" else (d.final_train, d.final_eval)
+    return {"cell": spec.cell_id, "spec": spec.model_dump(mode="json"), "out": str(work / "replay" / stage / spec.dataset / spec.method / spec.cell_id),
+            "train": str(work / study.split_cache(spec.dataset, train)), "eval": str(work / study.split_cache(spec.dataset, ev)),
+            "checkpoint": str(work / study.cfg.backbone.checkpoint), "ladder": steps}  # fmt: skip
 
 
 def _mean(xs) -> float:
@@ -235,6 +257,42 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
         cells = [f"{100 * r[k]['val']:.1f}/{test[r[k]['chosen']]:.1f}{'*' if r[k]['chosen'] == g['chosen'] else ''}"
                  for r in runs.values()]  # fmt: skip
         print(f"{k[0]:>9} {k[1]:>9}  grid {100 * g['val']:.1f}/{g_test[k]:.1f}   " + "  ".join(cells))
+
+
+def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
+    """Across tuning seeds: how far the grid moves from itself, and each setting pooled.
+
+    The grid re-run with another tuning seed (its choice scored by the same seed-0 final runs)
+    differs from the first only by the noise of training and selecting on 200 validation images: a
+    difference smaller than that cannot be told apart from re-running the grid. Pooled: each
+    pair's (setting - grid) averaged over the seeds, the interval over the pairs. ``config``:
+    each tuning cell's configuration (its final run's cell id, the same for every seed).
+    """
+    test = {cell: 100 * r["accuracy"] for cell, r in finals.items()}
+    (s0, (g0, _)), *rest = outcomes.items()
+    pairs = list(g0)
+    print(f"## {len(outcomes)} tuning seeds ({', '.join(map(str, outcomes))})\n")
+    print(f"| the grid, tuning seed s vs {s0} | same configuration | test - grid {s0} (points) "
+          f"| mean abs difference | 95% CI (paired t, {len(pairs)} pairs) |")  # fmt: skip
+    print("|---|---:|---:|---:|---|")
+    for seed, (g, _) in rest:
+        diffs = [test[g[k]["chosen"]] - test[g0[k]["chosen"]] for k in pairs]
+        same = sum(config[g[k]["chosen"]] == config[g0[k]["chosen"]] for k in pairs)
+        lo, hi = paired_ci(diffs)
+        print(f"| s = {seed} | {same}/{len(pairs)} | {statistics.mean(diffs):+.2f} "
+              f"| {statistics.mean(map(abs, diffs)):.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+    print(f"\n| eta | min_epochs | fewer (selection) | same configuration | test - grid, pooled (points) "
+          f"| 95% CI (paired t over {len(pairs)} pairs, each the mean of {len(outcomes)} seeds) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---|")
+    for setting in next(iter(outcomes.values()))[1]:
+        per_pair = [statistics.mean(test[r[setting][k]["chosen"]] - test[g[k]["chosen"]] for g, r in outcomes.values())
+                    for k in pairs]  # fmt: skip
+        images = sum(r[setting][k]["images"] for _, r in outcomes.values() for k in pairs)
+        grid_images = sum(g[k]["images"] for g, _ in outcomes.values() for k in pairs)
+        same = sum(r[setting][k]["chosen"] == g[k]["chosen"] for g, r in outcomes.values() for k in pairs)
+        lo, hi = paired_ci(per_pair)
+        print(f"| {setting[0]} | {setting[1]} | {grid_images / images:.2f}x | {same}/{len(pairs) * len(outcomes)} "
+              f"| {statistics.mean(per_pair):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -64,3 +64,30 @@ def test_fidelity_needs_four_configurations_and_spread():
     configs = _configs({2: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 6: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]})
     assert replay_mod.fidelity(configs, 2, 6) == pytest.approx(1.0)
     assert replay_mod.fidelity(configs[:3], 2, 6) is None
+
+
+def test_replicates_pool_each_pair_over_the_seeds_and_compare_the_grid_with_itself(capsys):
+    configs = _configs({2: [0.1] * 6, 6: [0.1] * 6})
+    cells = [c["cell"] for c in configs]
+    finals = {c: {"accuracy": a} for c, a in zip(cells, [0.5, 0.6, 0.7, 0.8, 0.9, 0.4])}
+    pairs = [("a", "lora"), ("b", "lora")]
+    grids = {0: {k: {"chosen": cells[0], "images": 60} for k in pairs},
+             1: {pairs[0]: {"chosen": cells[1], "images": 60}, pairs[1]: {"chosen": cells[0], "images": 60}}}
+    runs = {0: {(3, 2): {k: {"chosen": cells[2], "images": 20} for k in pairs}},
+            1: {(3, 2): {pairs[0]: {"chosen": cells[1], "images": 20}, pairs[1]: {"chosen": cells[3], "images": 20}}}}  # fmt: skip
+    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, finals, {c: c for c in cells})
+    out = capsys.readouterr().out
+    # the grid re-run: +10 points on pair a, 0 on b; the same configuration once
+    assert "| s = 1 | 1/2 | +5.00 | 5.00 |" in out
+    # pooled: pair a (20 + 0) / 2 = 10, pair b (20 + 30) / 2 = 25, mean 17.5; 3x fewer images; 1 of 4 the same
+    assert "| 3 | 2 | 3.00x | 1/4 | +17.50 |" in out
+
+
+def test_the_grid_compared_with_itself_by_configuration_not_by_cell(capsys):
+    """Another tuning seed gives every configuration another tuning cell id: the same choice still counts."""
+    pairs = [("a", "lora")]
+    finals = {"x0": {"accuracy": 0.5}, "x1": {"accuracy": 0.5}}
+    grids = {s: {pairs[0]: {"chosen": f"x{s}", "images": 6}} for s in (0, 1)}
+    runs = {s: {(3, 2): {pairs[0]: {"chosen": f"x{s}", "images": 2}}} for s in (0, 1)}
+    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, finals, {"x0": "final", "x1": "final"})
+    assert "| s = 1 | 1/1 | +0.00 |" in capsys.readouterr().out
