@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from ..bench_loader import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("compare_runs", REPO / "benchmarks" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_runs)
+compare_runs = load_benchmark("compare_runs")
 
 
 def _report(folder: Path, acc: dict[str, list[float]], lrs: dict[str, float], sha: str, verdicts: list[str]) -> Path:

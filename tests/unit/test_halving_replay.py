@@ -7,18 +7,17 @@ id), the last rung's choice and the images counted rung by rung.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from peft_core.config import load_study
 
+from ..bench_loader import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 
-_spec = importlib.util.spec_from_file_location("halving_replay", REPO / "benchmarks" / "halving_replay.py")
-replay_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay_mod)
+replay_mod = load_benchmark("halving_replay")
 
 
 def _configs(acc: dict[int, list[float]]) -> list[dict]:

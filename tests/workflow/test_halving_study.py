@@ -9,7 +9,6 @@ grid reuses the finished cells and resumes the others (grid and halving share ce
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -17,6 +16,7 @@ from collections import Counter
 import pytest
 import yaml
 
+from ..bench_loader import load_benchmark
 from .smk import REPO, copy_code, run_in_subprocess
 
 CONFIG = REPO / "tests" / "configs" / "tiny_halving.yaml"
@@ -40,9 +40,7 @@ def _new_packs(before: dict, after: dict) -> list[str]:
 def _replayed(work, r0: dict) -> dict:
     """benchmarks/halving_replay.py's replay of this run from the run's own records (every cell at
     2 epochs, the promoted ones at 6)."""
-    spec = importlib.util.spec_from_file_location("halving_replay", REPO / "benchmarks" / "halving_replay.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("halving_replay")
     from peft_core.packs import rung_record_path
     from peft_core.results import METRICS, read_json
 
