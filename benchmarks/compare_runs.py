@@ -58,8 +58,7 @@ def compare(a: dict, b: dict) -> list[str]:
 
     lines = [f"run {k}: backbone checkpoint {r['checkpoint']}, torch {r['torch']}" for k, r in (("A", a), ("B", b))] + [""]
     keys = a["per"].index.intersection(b["per"].index)
-    diff = (b["per"][keys] - a["per"][keys]).dropna()
-    absd = diff.abs()
+    absd = (b["per"][keys] - a["per"][keys]).dropna().abs()
     shared = a["chosen"].index.intersection(b["chosen"].index)
     other = int((a["chosen"][shared] != b["chosen"][shared]).sum())
     worst = absd.idxmax()
@@ -70,10 +69,11 @@ def compare(a: dict, b: dict) -> list[str]:
     methods = a["summ"].index.intersection(b["summ"].index)
     ma, mb = a["summ"][methods], b["summ"][methods]
     ok = ma.notna() & mb.notna()
-    dm = (mb - ma)[ok]
+    dm = (mb - ma)[ok].abs()
     rho = spearmanr(ma[ok], mb[ok]).statistic
-    lines += [f"method Mean, |B - A| (points): median {dm.abs().median():.2f}, largest {dm.abs().max():.2f} "
-              f"({dm.abs().idxmax()}: {ma[dm.abs().idxmax()]:.2f} -> {mb[dm.abs().idxmax()]:.2f}); "
+    far = dm.idxmax()
+    lines += [f"method Mean, |B - A| (points): median {dm.median():.2f}, largest {dm.max():.2f} "
+              f"({far}: {ma[far]:.2f} -> {mb[far]:.2f}); "
               f"Spearman rho of the Means {rho:.2f} ({int(ok.sum())} methods)", ""]  # fmt: skip
     lines += ["| finding (as run A states it) | A | B | |", "|---|---|---|---|"]
     verdict = lambda holds: "holds" if holds else "does not hold"  # noqa: E731

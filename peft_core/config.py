@@ -36,6 +36,11 @@ class Study:
     def name(self) -> str:
         return self.cfg.study
 
+    @property
+    def results_dir(self) -> str:
+        """Where the study's results go, relative to the working directory."""
+        return f"results/{self.name}"
+
     def split_cache(self, dataset: str, split: str) -> str:
         """The decoded split's file, relative to the working directory; its name holds the size
         and resize filter (the cache's identity). A data set with ``test_cache_from`` reads that
@@ -44,7 +49,7 @@ class Study:
         shared = self.cfg.datasets[dataset].test_cache_from if dataset in self.cfg.datasets else None
         if shared and split == d.final_eval:
             dataset = shared
-        return f"results/{self.name}/cache/{dataset}/{split}_{d.image_size}px_{d.interpolation}.safetensors"
+        return f"{self.results_dir}/cache/{dataset}/{split}_{d.image_size}px_{d.interpolation}.safetensors"
 
     def method_names(self) -> list[str]:
         """Configured methods, in the order the config lists them."""

@@ -42,7 +42,7 @@ except InputError as err:
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 CFG = STUDY.cfg
-RES = f"results/{STUDY.name}"
+RES = STUDY.results_dir
 REPORT = f"reports/{STUDY.name}"
 LOGS = f"logs/{STUDY.name}"
 DATASETS = STUDY.dataset_names()
