@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{folder / name}: no such file (a report folder holds summary.csv and summary.md)")
     first = pd.read_csv(args.a / "summary.csv", nrows=0).columns
     datasets = [c[: -len(":config")] for c in first if c.endswith(":config")]
+    need = {"method", "mean", "complete", *datasets, *(f"{d}:config" for d in datasets)}
+    for folder in (args.a, args.b):
+        missing = sorted(need - set(pd.read_csv(folder / "summary.csv", nrows=0).columns))
+        if missing or not datasets:
+            p.error(f"{folder / 'summary.csv'}: not a study summary (missing columns: {', '.join(missing) or '<data set>:config'})")
     print("\n".join(compare(tables(args.a, datasets), tables(args.b, datasets))))
     return 0
 

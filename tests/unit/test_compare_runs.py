@@ -47,3 +47,12 @@ def test_a_folder_without_a_report_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.main([str(a), str(tmp_path / "missing")])
     assert f"{tmp_path / 'missing' / 'summary.csv'}: no such file" in capsys.readouterr().err
+
+
+def test_a_summary_without_the_columns_it_needs_is_named(tmp_path, capsys):
+    a = _report(tmp_path / "a", {"lora": [80.0, 70.0]}, {"lora": 0.01}, "aaa", ["holds"])
+    b = _report(tmp_path / "b", {"lora": [80.0, 70.0]}, {"lora": 0.01}, "bbb", ["holds"])
+    pd.read_csv(b / "summary.csv").drop(columns=["b", "complete"]).to_csv(b / "summary.csv", index=False)
+    with pytest.raises(SystemExit):
+        compare_runs.main([str(a), str(b)])
+    assert f"{b / 'summary.csv'}: not a study summary (missing columns: b, complete)" in capsys.readouterr().err
