@@ -12,6 +12,11 @@ configuration's final run (``train800val200`` -> ``test``, seed 0) gives the tes
 whichever one a setting chooses. Selection stays on validation only; test is read to score
 the choices, and for one baseline: a configuration chosen at random (each pair's mean).
 
+``--keep-within-se 1.96`` adds every setting again under noise-aware promotion
+(``tuning.keep_within_se``, ``halving.promotions``): a rung also promotes every configuration
+within that many standard errors of its best, the standard error from the validation split's
+size.
+
 Printed: per setting, the selection's training images (each rung: its configurations x the
 epochs from the previous budget x ``n_train``, as ``halving.ranking`` counts them), the ratio
 to the grid's, how many (data set, method) pairs chose the grid's configuration, the mean
@@ -50,15 +55,24 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from study_cost import QUICK_METHODS, run_study, study_config  # noqa: E402
 
-from peft_core.halving import budgets, rank, rung_sizes  # noqa: E402
+from peft_core.halving import budgets, promotions, rank, rung_sizes  # noqa: E402
 
-#: the settings replayed by default: eta x the first rung's budget
+#: the settings replayed by default: eta x the first rung's budget (each also noise-aware, --keep-within-se)
 SETTINGS = [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3), (3, 6), (4, 1), (4, 2)]
 
 
-def ladder(settings: list[tuple[int, int]], epochs: int) -> list[int]:
-    """Every budget any setting stops at, ascending, ending with the full budget."""
-    return sorted({b for eta, m in settings for b in budgets(m, eta, epochs)} | {epochs})
+def ladder(settings: list[tuple], epochs: int) -> list[int]:
+    """Every budget any setting (eta, min_epochs[, keep_within_se]) stops at, ascending, ending with the full budget."""
+    return sorted({b for eta, m, *_ in settings for b in budgets(m, eta, epochs)} | {epochs})
+
+
+def with_noise(settings: list[tuple[int, int]], zs: list[float]) -> list[tuple[int, int, float | None]]:
+    """Each (eta, min_epochs) as plain halving (z None), then under each noise-aware ``z``."""
+    return [(eta, m, None) for eta, m in settings] + [(eta, m, z) for z in zs for eta, m in settings]
+
+
+def _z(setting: tuple) -> str:
+    return "-" if len(setting) < 3 or setting[2] is None else f"{setting[2]:g}"
 
 
 def _train(task: dict) -> dict:
@@ -88,25 +102,30 @@ def _train(task: dict) -> dict:
     return result
 
 
-def replay(configs: list[dict], eta: int, min_epochs: int, epochs: int) -> dict:
+def replay(configs: list[dict], eta: int, min_epochs: int, epochs: int, keep_within_se: float | None = None,
+           n_eval: int | None = None) -> dict:  # fmt: skip
     """One (data set, method) under one setting: the chosen cell and the selection's images.
 
     ``configs``: in the config's listed order, each ``{"spec", "records": {budget: record}}``.
+    ``keep_within_se``: noise-aware promotion (``n_eval``: the validation images), planned and
+    promoted as the workflow does (``halving.plan_rungs``, ``halving.promotions``).
     """
     from peft_core.cells import CellSpec
     from peft_core.select import select
 
     steps = budgets(min_epochs, eta, epochs)
-    sizes = rung_sizes(len(configs), eta, len(steps))
+    n = len(configs)
+    sizes = [n] * len(steps) if keep_within_se is not None else rung_sizes(n, eta, len(steps))
     by_cell = {c["cell"]: c for c in configs}
     alive = list(by_cell)
     images, previous = 0, 0
-    for b, size in zip(steps, sizes):
-        alive = alive[:size]
+    for r, b in enumerate(steps):
         rows = [{"cell": c, "dir": "", "spec": by_cell[c]["spec"]} for c in alive]
         recs = [by_cell[c]["records"][str(b)] for c in alive]
-        images += sum(r["n_train"] * (b - previous) for r in recs)
-        alive = [row["cell"] for row in rank(rows, recs, recs[0]["eval_split"])]
+        images += sum(rec["n_train"] * (b - previous) for rec in recs)
+        ranked = rank(rows, recs, recs[0]["eval_split"])
+        room = sizes[r + 1] if r + 1 < len(steps) else len(ranked)  # the last rung: all compete
+        alive = [row["cell"] for row in ranked[: promotions(ranked, room, eta, keep_within_se, n_eval)]]
         previous = b
     last = [(CellSpec.model_validate(by_cell[c]["spec"]), by_cell[c]["records"][str(epochs)]) for c in alive]
     chosen = select(last, last[0][1]["eval_split"])
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--tune-seeds", nargs="+", type=int, default=[0],
                    help="each a replicate of the whole tuning (train.tune_seed); the final runs stay seed 0")  # fmt: skip
+    p.add_argument("--keep-within-se", nargs="*", type=float, default=[1.96],
+                   help="each setting also under noise-aware promotion with this z (none: plain halving only)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
     p.add_argument("--work", type=Path, default=REPO / "results" / "study_cost")
     a = p.parse_args(argv)
@@ -157,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     # "Out of jobs ready to be started" (snakemake/snakemake#823) and the caches unbuilt
     run_study(cfg, work, a.jobs, ["make_demo_data", "pretrain_demo_backbone"])
     run_study(cfg, work, a.jobs, ["cache_split"])
-    steps = ladder(SETTINGS, a.epochs)
+    settings = with_noise(SETTINGS, a.keep_within_se)
+    steps = ladder(settings, a.epochs)
+    base = load_study(cfg)
+    n_eval = {ds: _split_size(work / base.split_cache(ds, base.cfg.data.tune_eval)) for ds in a.datasets}
     seeds = {}
     for seed in a.tune_seeds:
         study = load_study({**cfg, "train": {**cfg["train"], "tune_seed": seed}})
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = {}
     for seed, configs in seeds.items():
         grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
-        runs = {s: {k: replay(c, *s, a.epochs) for k, c in configs.items()} for s in SETTINGS}
+        runs = {s: {k: replay(c, s[0], s[1], a.epochs, s[2], n_eval[k[0]]) for k, c in configs.items()}
+                for s in settings}  # fmt: skip
         print(f"## tuning seed {seed}\n")
         report(grid, runs, test, configs, steps, a.epochs, final)
         outcomes[seed] = (grid, runs)
@@ -204,6 +229,13 @@ def _task(work: Path, study, spec, stage: str, steps: list[int]) -> dict:
     return {"cell": spec.cell_id, "spec": spec.model_dump(mode="json"), "out": str(work / "replay" / stage / spec.dataset / spec.method / spec.cell_id),
             "train": str(work / study.split_cache(spec.dataset, train)), "eval": str(work / study.split_cache(spec.dataset, ev)),
             "checkpoint": str(work / study.cfg.backbone.checkpoint), "ladder": steps}  # fmt: skip
+
+
+def _split_size(path: Path) -> int:
+    """The images of a split's cache (the validation split's size: noise-aware promotion's n)."""
+    from peft_core.data import load_split
+
+    return len(load_split(path).labels)
 
 
 def _mean(xs) -> float:
@@ -230,21 +262,22 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
     print(f"grid: {len(grid)} (data set, method) pairs, selection {g_sel:,} images, final runs {fin:,} "
           f"({final[0]} -> {final[1]}, seed 0), mean selected val {_mean(r['val'] for r in grid.values()):.2f} "
           f"/ test {statistics.mean(g_test.values()):.2f}\n")  # fmt: skip
-    print("| eta | min_epochs | budgets | selection images | fewer (selection) | fewer (with final runs) "
-          f"| same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, {len(grid)} pairs) |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for (eta, m), res in runs.items():
+    print("| eta | min_epochs | keep_within_se | budgets | selection images | fewer (selection) | fewer (with final "
+          f"runs) | same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, "
+          f"{len(grid)} pairs) |")  # fmt: skip
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (eta, m, *z), res in runs.items():
         sel = sum(r["images"] for r in res.values())
         same = sum(res[k]["chosen"] == grid[k]["chosen"] for k in grid)
         diffs = [test[res[k]["chosen"]] - g_test[k] for k in grid]
         lo, hi = paired_ci(diffs)
-        print(f"| {eta} | {m} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
+        print(f"| {eta} | {m} | {_z((eta, m, *z))} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
               f"{(g_sel + fin) / (sel + fin):.2f}x | {same}/{len(grid)} | {_mean(r['val'] for r in res.values()):.2f} "
               f"| {statistics.mean(test[r['chosen']] for r in res.values()):.2f} | {statistics.mean(diffs):+.2f} "
               f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
     rand = [statistics.mean(test[c["cell"]] for c in configs[k]) - g_test[k] for k in grid]
     lo, hi = paired_ci(rand)
-    print(f"| a configuration at random (the mean over each pair's configurations) | | | 0 | | | | | "
+    print(f"| a configuration at random (the mean over each pair's configurations) | | | | 0 | | | | | "
           f"{statistics.mean(g_test.values()) + statistics.mean(rand):.2f} | {statistics.mean(rand):+.2f} "
           f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
     print("\n| budget (epochs) | mean Spearman rho vs the full budget (pairs with >= 4 configurations) |")
@@ -281,9 +314,9 @@ def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
         lo, hi = paired_ci(diffs)
         print(f"| s = {seed} | {same}/{len(pairs)} | {statistics.mean(diffs):+.2f} "
               f"| {statistics.mean(map(abs, diffs)):.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
-    print(f"\n| eta | min_epochs | fewer (selection) | same configuration | test - grid, pooled (points) "
-          f"| 95% CI (paired t over {len(pairs)} pairs, each the mean of {len(outcomes)} seeds) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---|")
+    print(f"\n| eta | min_epochs | keep_within_se | fewer (selection) | same configuration | test - grid, pooled "
+          f"(points) | 95% CI (paired t over {len(pairs)} pairs, each the mean of {len(outcomes)} seeds) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for setting in next(iter(outcomes.values()))[1]:
         per_pair = [statistics.mean(test[r[setting][k]["chosen"]] - test[g[k]["chosen"]] for g, r in outcomes.values())
                     for k in pairs]  # fmt: skip
@@ -291,7 +324,8 @@ def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
         grid_images = sum(g[k]["images"] for g, _ in outcomes.values() for k in pairs)
         same = sum(r[setting][k]["chosen"] == g[k]["chosen"] for g, r in outcomes.values() for k in pairs)
         lo, hi = paired_ci(per_pair)
-        print(f"| {setting[0]} | {setting[1]} | {grid_images / images:.2f}x | {same}/{len(pairs) * len(outcomes)} "
+        print(f"| {setting[0]} | {setting[1]} | {_z(setting)} | {grid_images / images:.2f}x | "
+              f"{same}/{len(pairs) * len(outcomes)} "
               f"| {statistics.mean(per_pair):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
 
 

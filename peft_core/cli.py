@@ -233,7 +233,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-split", required=True)
     s.add_argument("--rung", type=int, required=True)
     s.add_argument("--previous", type=int, required=True, help="the previous rung's budget (0 for the first)")
-    s.add_argument("--promote", type=int, required=True, help="how many continue to the next rung")
+    s.add_argument("--promote", type=int, required=True, help="the next rung's planned room: how many can continue")
+    s.add_argument("--eta", type=int, help="noise-aware promotion: the top ceil(n / eta) continue at least")
+    s.add_argument("--keep-within-se", type=float,
+                   help="noise-aware promotion: also every configuration within this many standard errors of the best")
+    s.add_argument("--eval-data", help="noise-aware promotion: the validation split's cache (its size)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=report.cmd_rank_rung)
 

@@ -235,6 +235,8 @@ def load_study(raw: dict[str, Any] | str | Path) -> Study:
     tuning, epochs = study.cfg.tuning, study.cfg.train.epochs
     if tuning.strategy == "halving" and tuning.min_epochs > epochs:
         raise InputError(f"tuning.min_epochs: {tuning.min_epochs} exceeds train.epochs ({epochs})")
+    if tuning.strategy == "grid" and tuning.keep_within_se is not None:
+        raise InputError("tuning.keep_within_se: only with tuning.strategy halving (the grid promotes nothing)")
     if study.cfg.train.pace is not None:
         from .pace import check_method
 

@@ -20,6 +20,16 @@ Why it is planned this way:
   A promoted configuration's full-budget cell is therefore the grid's cell, bit
   for bit on CPU fp32, and grid and halving runs of a study share work.
 * **Ties** rank by cell id, so a ranking never depends on file order.
+
+**Noise-aware promotion** (``tuning.keep_within_se: z``; our addition, docs/deviations.md).
+Plain halving cuts at the top ``ceil(n / eta)`` even where the configurations around the cut
+cannot be told apart on a 200-image validation split. With ``z`` set, a rung also promotes
+every configuration whose validation accuracy is within ``z`` standard errors of the rung's
+best (:func:`within_noise`); the rest are dropped as they are under plain halving. How many
+continue is then known only at run time, so the plan gives every later rung room for all the
+configurations (:func:`plan_rungs`), and a job whose slots nobody was promoted to trains
+nothing and writes an empty manifest. benchmarks/halving_replay.py measures what it costs and
+what it saves (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -78,18 +88,25 @@ def rung_sizes(n: int, eta: int, rungs: int) -> list[int]:
 
 
 def plan_rungs(
-    packs: list[list[CellSpec]], eta: int, min_epochs: int, epochs: int, chunk: int | None = None
+    packs: list[list[CellSpec]],
+    eta: int,
+    min_epochs: int,
+    epochs: int,
+    chunk: int | None = None,
+    noise_aware: bool = False,
 ) -> list[Rung]:
     """The rungs of one (data set, method) whose tuning cells are ``packs``.
 
     Rung 0 trains each pack in one job, as the grid does; a later rung trains its
     ranked slots in chunks of ``chunk`` (default: one pack's size, the same job length
     as a pack's; 1 for methods with a prestep, whose cells of one job must share it).
+    ``noise_aware`` (``tuning.keep_within_se``): a rung's size is the most it can hold,
+    every configuration, since how many are promoted is known only at run time.
     """
     n = sum(len(p) for p in packs)
     chunk = max(1, chunk or len(packs[0]))
     steps = budgets(min_epochs, eta, epochs)
-    sizes = rung_sizes(n, eta, len(steps))
+    sizes = [n] * len(steps) if noise_aware else rung_sizes(n, eta, len(steps))
     rungs = []
     for r, (b, size) in enumerate(zip(steps, sizes)):
         parts = tuple(pack_id(p) for p in packs) if r == 0 else tuple(f"c{j}" for j in range(math.ceil(size / chunk)))
@@ -99,10 +116,46 @@ def plan_rungs(
 
 
 def promoted_specs(ranking: dict[str, Any], first: int, last: int) -> list[dict[str, Any]]:
-    """The specs (as dicts) at ranked positions [first, last) of a ranking, within its promotions."""
-    if last > ranking["promote"]:
-        raise InputError(f"ranking of rung {ranking['rung']}: slots {first}..{last - 1} beyond its {ranking['promote']} promoted")
-    return [row["spec"] for row in ranking["ranked"][first:last]]
+    """The specs (as dicts) at ranked positions [first, last) of a ranking, within its promotions.
+
+    Slots beyond the planned room (``capacity``) are refused: the plan and the ranking disagree.
+    Under noise-aware promotion fewer than the room may be promoted; slots past them give no spec.
+    """
+    room = ranking.get("capacity", ranking["promote"])
+    if last > room:
+        raise InputError(f"ranking of rung {ranking['rung']}: slots {first}..{last - 1} beyond its {room} promoted")
+    return [row["spec"] for row in ranking["ranked"][first : min(last, ranking["promote"])]]
+
+
+def within_noise(best: float, acc: float, n_eval: int, z: float) -> bool:
+    """Whether ``acc`` is within ``z`` standard errors of ``best``, both accuracies on ``n_eval`` images.
+
+    The standard error is the unpooled (Wald) one of a difference of two independent
+    proportions, sqrt((p_b (1 - p_b) + p (1 - p)) / n_eval). The configurations are scored on
+    the same images, whose errors are positively correlated, so the true error of their
+    difference is smaller: the rule keeps more than it must, erring towards the grid.
+    """
+    se = math.sqrt((best * (1 - best) + acc * (1 - acc)) / n_eval)
+    return best - acc <= z * se
+
+
+def promotions(ranked: list[dict[str, Any]], room: int, eta: int | None = None, z: float | None = None,
+               n_eval: int | None = None) -> int:  # fmt: skip
+    """How many of a rung's ``ranked`` rows (best first) continue, at most ``room`` (the plan's).
+
+    Plain halving (``z`` None): ``room``, the planned ``ceil(n / eta)``. Noise-aware: the top
+    ``ceil(len(ranked) / eta)`` and every configuration within ``z`` standard errors of the best
+    (:func:`within_noise`), up to the lowest-ranked such one (a promotion is a prefix of the
+    ranking); a diverged configuration is never within noise.
+    """
+    if z is None:
+        return min(room, len(ranked))
+    if eta is None or n_eval is None or n_eval < 1:
+        raise InputError("noise-aware promotion needs eta and the validation split's size")
+    top = math.ceil(len(ranked) / eta)
+    scores = [_score(row) for row in ranked]
+    near = [i + 1 for i, s in enumerate(scores) if s > -math.inf and within_noise(scores[0], s, n_eval, z)]
+    return min(room, max([top, *near]))
 
 
 def _train_to(spec: CellSpec, out: Path, budget: int, train_cell, code, inputs, log) -> tuple[dict, Path, bool, str]:
@@ -153,6 +206,7 @@ def run_rung(
 
 
 def _score(record: dict[str, Any]) -> float:
+    """A record's validation accuracy; -inf if it diverged or has none (ranked last)."""
     acc = record.get("accuracy")
     return -math.inf if acc is None or record.get("status") != "ok" or math.isnan(acc) else acc
 
@@ -174,9 +228,11 @@ def rank(rows: list[dict[str, Any]], records: list[dict[str, Any]], eval_split: 
     ]  # fmt: skip
 
 
-def ranking(manifests: list[Path], eval_split: str, rung: int, previous: int, promote: int) -> dict[str, Any]:
+def ranking(manifests: list[Path], eval_split: str, rung: int, previous: int, promote: int, eta: int | None = None,
+            keep_within_se: float | None = None, n_eval: int | None = None) -> dict[str, Any]:  # fmt: skip
     """The ranking file of one rung, from its parts' manifests; ``images``: what the rung trained
-    (each cell from the previous budget to this one, on its training split)."""
+    (each cell from the previous budget to this one, on its training split). ``promote``: the
+    plan's room in the next rung; how many take it, :func:`promotions`."""
     parts = [read_json(p) for p in manifests]
     budget = {p["budget"] for p in parts}
     if len(budget) != 1:
@@ -188,16 +244,19 @@ def ranking(manifests: list[Path], eval_split: str, rung: int, previous: int, pr
     epochs = budget.pop()
     images = sum((r["n_train"] or 0) * (epochs - previous) for r in ranked)
     first = rows[0]["spec"] if rows else {}
+    n_promoted = promotions(ranked, promote, eta, keep_within_se, n_eval) if promote else 0
     return {"dataset": first.get("dataset"), "method": first.get("method"), "rung": rung, "epochs": epochs,
-            "previous": previous, "selected_on": eval_split, "promote": min(promote, len(ranked)), "images": images,
-            "ranked": ranked}  # fmt: skip
+            "previous": previous, "selected_on": eval_split, "capacity": promote, "promote": n_promoted,
+            "keep_within_se": keep_within_se, "n_eval": n_eval, "images": images, "ranked": ranked}  # fmt: skip
 
 
 def halving_selection(rankings: list[dict[str, Any]]) -> dict[str, Any]:
     """What a halving selection adds to the selection file: its rungs and its cost in training images."""
     rungs = [{"rung": r["rung"], "epochs": r["epochs"], "configurations": len(r["ranked"]), "images": r["images"]}
              for r in rankings]  # fmt: skip
-    return {"strategy": "halving", "selection_images": sum(r["images"] for r in rankings), "rungs": rungs}
+    z = rankings[0].get("keep_within_se") if rankings else None
+    return {"strategy": "halving", "keep_within_se": z, "selection_images": sum(r["images"] for r in rankings),
+            "rungs": rungs}  # fmt: skip
 
 
 def last_rung_cells(rankings: list[dict[str, Any]]) -> list[str]:

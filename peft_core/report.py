@@ -121,6 +121,13 @@ def uniform_hparams(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def selected_by(selection: dict) -> str:
+    """How a selection file's configuration was chosen: ``grid``, ``halving``, or noise-aware halving."""
+    strategy = selection.get("strategy", "grid")
+    z = selection.get("keep_within_se")
+    return f"{strategy}, keep_within_se={z:g}" if z is not None else strategy
+
+
 def aggregate_dataset(
     study: str, group: str, final_eval: str, cell_dirs: list[Path], selections: list[Path], out: Path
 ) -> pd.DataFrame:
@@ -129,7 +136,7 @@ def aggregate_dataset(
     frame = uniform_hparams(pd.DataFrame([cell_row(Path(d), study, group, final_eval, set(sels)) for d in cell_dirs]))
     # which strategy chose the configuration, and the training images the choice cost (peft_core/halving.py)
     picked = [sels.get(c) if chosen else None for c, chosen in zip(frame.cell, frame.selected)]
-    frame["selected_by"] = [p.get("strategy", "grid") if p else None for p in picked]
+    frame["selected_by"] = [selected_by(p) if p else None for p in picked]
     frame["selection_images"] = pd.array([p.get("selection_images") if p else None for p in picked], dtype="Int64")
     write_parquet(out, frame)
     return frame

@@ -231,6 +231,13 @@ class TuningConfig(Strict):
     )
     eta: int = Field(3, ge=2, description="halving: keep the top ceil(n / eta) configurations of each rung")
     min_epochs: int = Field(1, ge=1, description="halving: the first rung's budget (epochs); <= train.epochs")
+    keep_within_se: float | None = Field(
+        None,
+        ge=0,
+        description="halving: noise-aware promotion, also promote every configuration whose validation accuracy is "
+        "within this many standard errors of the rung's best (e.g. 1.96; peft_core/halving.py, our addition, "
+        "docs/deviations.md); null: only the top ceil(n / eta)",
+    )
 
 
 class TrainResources(Strict):

@@ -90,9 +90,15 @@ def _promoted(a) -> list:
 
 def cmd_train_pack(a) -> int:
     specs = [_spec(raw) for raw in a.spec_json] if a.spec_json else _promoted(a) if a.ranking else _final_specs(a)
-    if not specs:
+    if not specs and not a.ranking:
         raise InputError("train-pack: no cells to train")
     code = _check_inputs(a)
+    if not specs:  # noise-aware halving promoted nobody to these slots (peft_core/halving.py)
+        from ..results import write_json
+
+        write_json(a.manifest, {"budget": a.budget, "code": code, "cells": []})
+        print(f"{a.manifest}: no configuration promoted to slots {a.slots[0]}..{a.slots[1] - 1}; nothing to train")
+        return 0
     if len({(s.train_split, s.eval_split) for s in specs}) != 1:
         raise InputError("train-pack: every cell of a pack must read the same train and eval splits")
     from ..fingerprint import cell_inputs

@@ -157,3 +157,90 @@ def test_a_preempted_rung_resumes_from_its_saved_state(tmp_path):
     a, b = (torch.load(d / cell.dataset / cell.method / cell.cell_id / "resume.pt", weights_only=True)
             for d in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
     assert a["epoch"] == b["epoch"] == 3 and all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+# ------------------------------------------------------------------ noise-aware promotion
+
+
+def _ranked(accs: list[float], statuses: list[str] | None = None) -> list[dict]:
+    statuses = statuses or ["ok"] * len(accs)
+    return [{"cell": f"c{i}", "accuracy": a, "status": s, "spec": {"i": i}} for i, (a, s) in enumerate(zip(accs, statuses))]
+
+
+def test_within_noise_is_the_wald_interval_of_a_difference_of_two_accuracies():
+    from peft_core.halving import within_noise
+
+    # p = 0.8 and 0.75 on 200 images: se = sqrt((0.16 + 0.1875) / 200) = 0.04169; 0.05 is 1.20 se
+    assert within_noise(0.8, 0.75, 200, 1.96) and within_noise(0.8, 0.75, 200, 1.2)
+    assert not within_noise(0.8, 0.75, 200, 1.19)
+    assert within_noise(1.0, 0.99, 200, 1.96)  # a perfect best still has the other's variance
+    assert within_noise(0.5, 0.5, 200, 0.0) and not within_noise(0.5, 0.495, 200, 0.0)  # z 0: ties only
+
+
+def test_noise_aware_promotion_keeps_the_top_and_everything_within_noise_of_the_best():
+    from peft_core.halving import promotions
+
+    ranked = _ranked([0.80, 0.78, 0.76, 0.60, 0.59, float("nan")], ["ok"] * 5 + ["diverged"])
+    assert promotions(ranked, 2) == 2  # plain halving: the planned room
+    assert promotions(ranked, 6, eta=3, z=1.96, n_eval=200) == 3  # 0.76 is 1.0 se behind; 0.60 is 4.3 se
+    assert promotions(ranked, 6, eta=2, z=1.96, n_eval=200) == 3  # the top ceil(6 / 2) = 3 in any case
+    assert promotions(ranked, 6, eta=3, z=100.0, n_eval=200) == 5  # everything but the diverged one
+    assert promotions(ranked, 4, eta=3, z=100.0, n_eval=200) == 4  # never beyond the plan's room
+    assert promotions(ranked, 6, eta=3, z=0.0, n_eval=200) == 2  # z 0: the top ceil(6 / 3) (and ties)
+    assert promotions(_ranked([0.5, 0.5, 0.5, 0.1]), 4, eta=4, z=0.0, n_eval=200) == 3  # ties with the best
+    with pytest.raises(InputError, match="needs eta and the validation split's size"):
+        promotions(ranked, 6, z=1.96)
+
+
+def test_noise_aware_plan_has_room_for_every_configuration_and_unused_slots_give_no_spec():
+    cells = [toycell.spec("lora", {"rank": r}, lr=lr) for r in (1, 2, 4) for lr in (1e-3, 1e-2)]
+    r0, r1, r2 = plan_rungs(group_into_packs(cells), eta=2, min_epochs=1, epochs=4, noise_aware=True)
+    assert (r0.size, r0.promote, r1.size, r1.parts, r1.promote, r2.size, r2.promote) == (
+        6, 6, 6, ("c0", "c1", "c2"), 6, 6, 0)  # fmt: skip
+    ranking = {"rung": 0, "capacity": 6, "promote": 3, "ranked": _ranked([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])}
+    assert promoted_specs(ranking, 2, 4) == [{"i": 2}] and promoted_specs(ranking, 4, 6) == []
+    with pytest.raises(InputError, match="beyond its 6 promoted"):
+        promoted_specs(ranking, 6, 8)
+
+
+def test_ranking_file_records_room_promotions_and_the_rule(tmp_path):
+    from peft_core.halving import halving_selection, ranking
+    from peft_core.results import write_json
+
+    rows = []
+    for i, acc in enumerate([0.80, 0.79, 0.50, 0.40]):
+        write_json(tmp_path / f"r{i}.json", {"accuracy": acc, "status": "ok", "eval_split": "val200", "n_train": 10})
+        rows.append({"cell": f"c{i}", "dir": f"d{i}", "record": str(tmp_path / f"r{i}.json"),
+                     "spec": {"eval_split": "val200", "dataset": "toy", "method": "lora"}})  # fmt: skip
+    write_json(tmp_path / "m.json", {"budget": 2, "code": None, "cells": rows})
+    write_json(tmp_path / "empty.json", {"budget": 2, "code": None, "cells": []})  # a chunk nobody was promoted to
+    r = ranking([tmp_path / "m.json", tmp_path / "empty.json"], "val200", 1, 1, 4, eta=4, keep_within_se=1.96, n_eval=200)
+    assert (r["capacity"], r["promote"], r["keep_within_se"], r["n_eval"], r["images"]) == (4, 2, 1.96, 200, 40)
+    plain = ranking([tmp_path / "m.json"], "val200", 1, 1, 1)
+    assert (plain["capacity"], plain["promote"], plain["keep_within_se"]) == (1, 1, None)
+    assert halving_selection([r])["keep_within_se"] == 1.96 and halving_selection([plain])["keep_within_se"] is None
+
+
+def test_config_allows_noise_aware_promotion_only_with_halving(tiny):
+    assert load_study({**tiny, "tuning": {**tiny["tuning"], "keep_within_se": 1.96}}).cfg.tuning.keep_within_se == 1.96
+    for tuning, message in (({"strategy": "grid", "keep_within_se": 1.0}, "tuning.keep_within_se: only with"),
+                            ({**tiny["tuning"], "keep_within_se": -1}, "tuning.keep_within_se: Input should be greater")):  # fmt: skip
+        with pytest.raises(InputError) as err:
+            load_study({**tiny, "tuning": tuning})
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_chunk_nobody_was_promoted_to_writes_an_empty_manifest_and_trains_nothing(tmp_path, capsys):
+    from peft_core.cli import main
+    from peft_core.results import write_json
+
+    toycell.write_inputs(tmp_path)
+    ranking = {"rung": 0, "capacity": 4, "promote": 1, "ranked": [{"spec": toycell.spec().model_dump(mode="json")}]}
+    write_json(tmp_path / "r0.json", ranking)
+    out = tmp_path / "r1" / "c1.json"
+    assert main(["train-pack", "--ranking", str(tmp_path / "r0.json"), "--slots", "2", "4", "--budget", "2",
+                 "--train-data", str(tmp_path / "train.pt"), "--eval-data", str(tmp_path / "eval.pt"),
+                 "--checkpoint", str(tmp_path / "backbone.safetensors"), "--cells-root", str(tmp_path / "cells"),
+                 "--manifest", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert read_json(out) == {"budget": 2, "code": None, "cells": []} and not (tmp_path / "cells").exists()
+    assert "no configuration promoted to slots 2..3" in capsys.readouterr().out

@@ -33,6 +33,21 @@ def _configs(acc: dict[int, list[float]]) -> list[dict]:
 
 def test_ladder_is_every_budget_of_every_setting():
     assert replay_mod.ladder([(3, 2), (2, 1)], 6) == [1, 2, 4, 6]
+    assert replay_mod.with_noise([(3, 2)], [1.96]) == [(3, 2, None), (3, 2, 1.96)]
+    assert replay_mod.ladder(replay_mod.with_noise([(3, 2)], [1.0]), 6) == [2, 6]
+
+
+def test_noise_aware_replay_keeps_what_is_within_noise_of_the_best():
+    # at 2 epochs 0.50 leads; 0.45 is within 1.96 se on 200 images (se 0.05), 0.30 is not
+    configs = _configs({2: [0.5, 0.45, 0.3, 0.2, 0.1, 0.0], 6: [0.5, 0.6, 0.9, 0.1, 0.1, 0.1]})
+    plain = replay_mod.replay(configs, 3, 2, 6)  # the top 2 continue either way
+    noisy = replay_mod.replay(configs, 6, 2, 6, keep_within_se=1.96, n_eval=200)  # the top 1, and what is near it
+    assert plain["chosen"] == noisy["chosen"] == configs[1]["cell"]
+    assert noisy["images"] == 800 * (6 * 2 + 2 * 4)
+    assert replay_mod.replay(configs, 6, 2, 6)["chosen"] == configs[0]["cell"]  # plain eta 6: only the leader
+    everything = replay_mod.replay(configs, 3, 2, 6, keep_within_se=100.0, n_eval=200)  # the grid's choice and cost
+    grid = replay_mod.grid_choice(configs, 6)
+    assert (everything["chosen"], everything["images"]) == (grid["chosen"], grid["images"]) == (configs[2]["cell"], 800 * 36)
 
 
 def test_replay_promotes_by_validation_and_counts_rung_images():
@@ -79,7 +94,7 @@ def test_replicates_pool_each_pair_over_the_seeds_and_compare_the_grid_with_itse
     # the grid re-run: +10 points on pair a, 0 on b; the same configuration once
     assert "| s = 1 | 1/2 | +5.00 | 5.00 |" in out
     # pooled: pair a (20 + 0) / 2 = 10, pair b (20 + 30) / 2 = 25, mean 17.5; 3x fewer images; 1 of 4 the same
-    assert "| 3 | 2 | 3.00x | 1/4 | +17.50 |" in out
+    assert "| 3 | 2 | - | 3.00x | 1/4 | +17.50 |" in out
 
 
 def test_the_grid_compared_with_itself_by_configuration_not_by_cell(capsys):

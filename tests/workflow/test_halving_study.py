@@ -5,6 +5,8 @@ The plan is checked in the default suite (a dry run, seconds): every rung is a p
 no checkpoint. The run (`slow`, about a minute): promoted cells resume from their rung-0
 state, the selection says how it was made and what it cost, and the same study run as a
 grid reuses the finished cells and resumes the others (grid and halving share cells).
+Noise-aware promotion (tuning.keep_within_se): the plan's room, the run's promotions and its
+cost, as the benchmark's replay computes them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _new_packs(before: dict, after: dict) -> list[str]:
     return [p for p in ids(after) if p not in ids(before)]
 
 
-def _replayed(work, r0: dict) -> dict:
+def _replayed(work, r0: dict, **noise) -> dict:
     """benchmarks/halving_replay.py's replay of this run from the run's own records (every cell at
     2 epochs, the promoted ones at 6)."""
     mod = load_benchmark("halving_replay")
@@ -51,7 +53,7 @@ def _replayed(work, r0: dict) -> dict:
         if (cell / METRICS).is_file():
             records["6"] = read_json(cell / METRICS)
         configs.append({"cell": row["cell"], "spec": row["spec"], "records": records})
-    return mod.replay(configs, 3, 2, 6)
+    return mod.replay(configs, 3, 2, 6, **noise)
 
 
 def _rules(jobs) -> Counter:
@@ -78,6 +80,47 @@ def test_plan_of_a_prestep_method_gives_each_promoted_slot_its_own_job(tmp_path)
     promoted = sorted(o.split("/rungs/digits/sct/")[1] for j in jobs if j["rule"] == "train_promoted" for o in j["output"])
     assert promoted == ["r1/c0.json", "r1/c1.json", "r2/c0.json"]
     assert _rules(jobs)["rank_rung"] == 3 and _rules(jobs)["train_rung"] == 3
+
+
+def _noise_aware(work, z: float = 1.96) -> None:
+    cfg = yaml.safe_load((work / "study.yaml").read_text())
+    cfg["tuning"]["keep_within_se"] = z
+    (work / "study.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_noise_aware_plan_gives_the_later_rung_room_for_every_configuration(tmp_path):
+    work = _workdir(tmp_path)
+    _noise_aware(work)
+    jobs = run_in_subprocess(work, work / "study.yaml", dryrun=True)
+    # rung 1 may take all 6 configurations: 3 chunks of a pack's 2 slots, each reads the ranking at run time
+    promoted = sorted(o.split("/rungs/digits/lora/")[1] for j in jobs if j["rule"] == "train_promoted" for o in j["output"])
+    assert promoted == ["r1/c0.json", "r1/c1.json", "r1/c2.json"]
+    assert _rules(jobs)["rank_rung"] == 2 and _rules(jobs)["train_rung"] == 3
+
+
+@pytest.mark.slow
+def test_noise_aware_run_promotes_what_is_within_noise_and_unused_chunks_train_nothing(tmp_path):
+    from peft_core.halving import promotions
+
+    work = _workdir(tmp_path)
+    _noise_aware(work)
+    run_in_subprocess(work, work / "study.yaml")
+    r0, r1 = (json.loads((work / f"{RES}/rungs/digits/lora/r{r}.json").read_text()) for r in (0, 1))
+    assert (r0["capacity"], r0["keep_within_se"], r0["n_eval"]) == (6, 1.96, 200)
+    # here all 6 tie at 2 epochs, so all continue; a chunk left empty: tests/unit/test_halving.py
+    assert r0["promote"] == promotions(r0["ranked"], 6, 3, 1.96, 200) >= 2
+    assert [row["cell"] for row in r1["ranked"]] and {row["cell"] for row in r1["ranked"]} == {
+        row["cell"] for row in r0["ranked"][: r0["promote"]]}  # fmt: skip
+    for c in range(3):  # a chunk past the promoted slots: an empty manifest, nothing trained
+        chunk = json.loads((work / f"{RES}/rungs/digits/lora/r1/c{c}.json").read_text())
+        assert len(chunk["cells"]) == max(0, min(2, r0["promote"] - 2 * c))
+    sel = json.loads((work / f"{RES}/selection/digits/lora.json").read_text())
+    assert sel["keep_within_se"] == 1.96 and sel["val_accuracy"] == max(r["accuracy"] for r in r1["ranked"])
+    assert sel["selection_images"] == 800 * (6 * 2 + r0["promote"] * 4)
+    replayed = _replayed(work, r0, keep_within_se=1.96, n_eval=200)
+    assert (replayed["chosen"], replayed["images"]) == (sel["chosen"], sel["selection_images"])
+    assert "| halving, keep_within_se=1.96 |" in (work / "reports/tiny_halving/summary.md").read_text()
+    assert run_in_subprocess(work, work / "study.yaml", dryrun=True) == []
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ PACK_SPECS = {pid: pack for packs in PACKS.values() for pid, pack in packs.items
 # here, with the number of configurations it trains; which ones, each job reads at run time
 # from the previous rung's ranking (no checkpoint). Rung 0 trains the packs above.
 HALVING = CFG.tuning.strategy == "halving"
+# Noise-aware promotion (tuning.keep_within_se): how many continue is known at run time,
+# so every later rung is planned with room for all the configurations.
+NOISE_AWARE = CFG.tuning.keep_within_se is not None
 # A later rung's job trains ranked slots of any configuration: one per job for the
 # methods with a prestep (its cells must share one result), a pack's size otherwise.
 RUNGS = {
@@ -68,6 +71,7 @@ RUNGS = {
         CFG.tuning.min_epochs,
         CFG.train.epochs,
         1 if get_method(m).prestep is not None else None,
+        NOISE_AWARE,
     )
     for (d, m), packs in PACKS.items()
     if HALVING
@@ -337,6 +341,22 @@ def rung_parts(wildcards):
         rung_manifest(wildcards.dataset, wildcards.method, rung.index, part)
         for part in rung.parts
     ]
+
+
+def rank_inputs(wildcards):
+    """A rung's manifests, and (noise-aware promotion) the validation split: its size."""
+    out = {"manifests": rung_parts(wildcards)}
+    if NOISE_AWARE:
+        out["eval"] = cache_path(wildcards.dataset, CFG.data.tune_eval)
+    return out
+
+
+def noise_args(wildcards, input):
+    """``rank-rung``'s noise-aware promotion arguments (peft_core/halving.py), else []."""
+    if not NOISE_AWARE:
+        return []
+    eta, z = str(CFG.tuning.eta), str(CFG.tuning.keep_within_se)
+    return ["--eta", eta, "--keep-within-se", z, "--eval-data", input.eval]
 
 
 def promoted_inputs(wildcards):

@@ -17,10 +17,11 @@ rule select_config:
 
 
 # Successive halving (peft_core/halving.py): one rung's cells ranked by validation
-# accuracy (ties: cell id); the next rung's jobs read the top `promote` from it.
+# accuracy (ties: cell id); the next rung's jobs read the top `promote` from it
+# (noise-aware: also those within tuning.keep_within_se standard errors of the best).
 rule rank_rung:
     input:
-        rung_parts,
+        unpack(rank_inputs),
     output:
         f"{RES}/rungs/{{dataset}}/{{method}}/r{{rung}}.json",
     log:
@@ -31,6 +32,8 @@ rule rank_rung:
         split=CFG.data.tune_eval,
         previous=lambda wc: rung_of(wc).previous,
         promote=lambda wc: rung_of(wc).promote,
+        noise=noise_args,
     shell:
-        "python -m peft_core.cli rank-rung --manifests {input:q} --eval-split {params.split:q} --rung {wildcards.rung} "
-        "--previous {params.previous} --promote {params.promote} --out {output:q} > {log:q} 2>&1"
+        "python -m peft_core.cli rank-rung --manifests {input.manifests:q} --eval-split {params.split:q} "
+        "--rung {wildcards.rung} --previous {params.previous} --promote {params.promote} {params.noise:q} "
+        "--out {output:q} > {log:q} 2>&1"
