@@ -60,6 +60,19 @@ REFERENCE_WD = [1e-4, 1e-3]
 QUICK_PRETRAIN = {"images": 2000, "epochs": 2, "lr": 0.002, "batch_size": 128, "seed": 0}
 
 
+def _dataset(demo: dict, name: str) -> dict:
+    """A data set's block: the demo config's (without its shifted test sets), or, for a demo data
+    set the demo leaves out (``count``), its class count and group from ``peft_core.demo``."""
+    from peft_core.demo import DATASETS
+
+    if name in demo["datasets"]:
+        return {k: v for k, v in demo["datasets"][name].items() if k != "ood"}
+    if name not in DATASETS:
+        raise SystemExit(f"--datasets: {name!r} is no demo data set (known: {', '.join(DATASETS)})")
+    group, classes = DATASETS[name]
+    return {"num_classes": classes, "group": group}
+
+
 def study_config(strategy: str, methods: list[str], datasets: list[str], epochs: int, eta: int, min_epochs: int,
                  seeds: list[int], quick: bool = False) -> dict:  # fmt: skip
     """The demo study with the reference's grid width, under one strategy."""
@@ -69,7 +82,7 @@ def study_config(strategy: str, methods: list[str], datasets: list[str], epochs:
         cfg["backbone"] = {**cfg["backbone"], "pretrain": QUICK_PRETRAIN,
                            "checkpoint": "results/study_cost/backbone/quick_upstream.safetensors"}  # fmt: skip
     cfg["study"] = f"study_cost_{strategy}"
-    cfg["datasets"] = {d: {k: v for k, v in demo["datasets"][d].items() if k != "ood"} for d in datasets}
+    cfg["datasets"] = {d: _dataset(demo, d) for d in datasets}
     cfg["methods"] = {}
     for m in methods:
         grid_file = REPO / "config" / "method_grids" / f"{m}.yaml"

@@ -68,6 +68,16 @@ def test_a_tie_at_the_cut_goes_to_the_lower_cell_id():
     assert out["chosen"] == best["cell"]
 
 
+def test_the_study_takes_a_demo_data_set_the_demo_config_leaves_out():
+    study_cost = load_benchmark("study_cost")
+    cfg = study_cost.study_config("grid", ["linear"], ["count", "digits"], 18, 3, 2, [0])
+    assert cfg["datasets"] == {"count": {"num_classes": 6, "group": "structured"},
+                               "digits": {"num_classes": 10, "group": "natural"}}  # fmt: skip
+    assert load_study(cfg).tuning_cells("count", "linear")
+    with pytest.raises(SystemExit, match="'dogs' is no demo data set"):
+        study_cost.study_config("grid", ["linear"], ["dogs"], 18, 3, 2, [0])
+
+
 def test_paired_interval_covers_the_mean_and_is_a_point_without_spread():
     lo, hi = replay_mod.paired_ci([-1.0, 0.0, 0.5, -0.5])
     assert lo < -0.25 < hi
