@@ -6,7 +6,7 @@ the saved state, so its numbers at every budget are those of one uninterrupted r
 bit on CPU fp32: tests/unit/test_halving.py). Training every configuration once, stopping
 (and recording its validation accuracy) at every budget any replayed setting uses, therefore
 gives what every rung of every setting would see. Each setting is then replayed with the
-workflow's own functions (``halving.budgets``, ``halving.rung_sizes``, ``halving.rank`` for
+workflow's own functions (``halving.budgets``, ``halving.planned_sizes``, ``halving.rank`` for
 the promotions, ``select.select`` for the last rung and for the grid), and every
 configuration's final run (``train800val200`` -> ``test``, seed 0) gives the test accuracy of
 whichever one a setting chooses. Selection stays on validation only; test is read to score
@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from study_cost import QUICK_METHODS, run_study, study_config  # noqa: E402
 
-from peft_core.halving import budgets, promotions, rank, rung_sizes  # noqa: E402
+from peft_core.halving import budgets, planned_sizes, promotions, rank, split_images  # noqa: E402
 
 #: the settings replayed by default: eta x the first rung's budget (each also noise-aware, --keep-within-se)
 SETTINGS = [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3), (3, 6), (4, 1), (4, 2)]
@@ -114,8 +114,7 @@ def replay(configs: list[dict], eta: int, min_epochs: int, epochs: int, keep_wit
     from peft_core.select import select
 
     steps = budgets(min_epochs, eta, epochs)
-    n = len(configs)
-    sizes = [n] * len(steps) if keep_within_se is not None else rung_sizes(n, eta, len(steps))
+    sizes = planned_sizes(len(configs), eta, len(steps), keep_within_se is not None)
     by_cell = {c["cell"]: c for c in configs}
     alive = list(by_cell)
     images, previous = 0, 0
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = with_noise(SETTINGS, a.keep_within_se)
     steps = ladder(settings, a.epochs)
     base = load_study(cfg)
-    n_eval = {ds: _split_size(work / base.split_cache(ds, base.cfg.data.tune_eval)) for ds in a.datasets}
+    n_eval = {ds: split_images(work / base.split_cache(ds, base.cfg.data.tune_eval)) for ds in a.datasets}
     seeds = {}
     for seed in a.tune_seeds:
         study = load_study({**cfg, "train": {**cfg["train"], "tune_seed": seed}})
@@ -231,13 +230,6 @@ def _task(work: Path, study, spec, stage: str, steps: list[int]) -> dict:
             "checkpoint": str(work / study.cfg.backbone.checkpoint), "ladder": steps}  # fmt: skip
 
 
-def _split_size(path: Path) -> int:
-    """The images of a split's cache (the validation split's size: noise-aware promotion's n)."""
-    from peft_core.data import load_split
-
-    return len(load_split(path).labels)
-
-
 def _mean(xs) -> float:
     """A mean of fractions, in percent."""
     return 100 * statistics.mean(xs)
@@ -266,12 +258,13 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
           f"runs) | same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, "
           f"{len(grid)} pairs) |")  # fmt: skip
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for (eta, m, *z), res in runs.items():
+    for setting, res in runs.items():
+        eta, m = setting[:2]
         sel = sum(r["images"] for r in res.values())
         same = sum(res[k]["chosen"] == grid[k]["chosen"] for k in grid)
         diffs = [test[res[k]["chosen"]] - g_test[k] for k in grid]
         lo, hi = paired_ci(diffs)
-        print(f"| {eta} | {m} | {_z((eta, m, *z))} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
+        print(f"| {eta} | {m} | {_z(setting)} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
               f"{(g_sel + fin) / (sel + fin):.2f}x | {same}/{len(grid)} | {_mean(r['val'] for r in res.values()):.2f} "
               f"| {statistics.mean(test[r['chosen']] for r in res.values()):.2f} | {statistics.mean(diffs):+.2f} "
               f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip

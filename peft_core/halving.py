@@ -87,6 +87,19 @@ def rung_sizes(n: int, eta: int, rungs: int) -> list[int]:
     return sizes
 
 
+def planned_sizes(n: int, eta: int, rungs: int, noise_aware: bool = False) -> list[int]:
+    """The room of each rung: :func:`rung_sizes`, or ``n`` throughout under noise-aware promotion
+    (how many continue is known only at run time)."""
+    return [n] * rungs if noise_aware else rung_sizes(n, eta, rungs)
+
+
+def split_images(path: str | Path) -> int:
+    """The images in a split's cache: the validation split's size, noise-aware promotion's n."""
+    from .data import load_split
+
+    return len(load_split(path).labels)
+
+
 def plan_rungs(
     packs: list[list[CellSpec]],
     eta: int,
@@ -106,7 +119,7 @@ def plan_rungs(
     n = sum(len(p) for p in packs)
     chunk = max(1, chunk or len(packs[0]))
     steps = budgets(min_epochs, eta, epochs)
-    sizes = [n] * len(steps) if noise_aware else rung_sizes(n, eta, len(steps))
+    sizes = planned_sizes(n, eta, len(steps), noise_aware)
     rungs = []
     for r, (b, size) in enumerate(zip(steps, sizes)):
         parts = tuple(pack_id(p) for p in packs) if r == 0 else tuple(f"c{j}" for j in range(math.ceil(size / chunk)))

@@ -14,17 +14,15 @@ from . import study_from_arg
 
 
 def cmd_rank_rung(a) -> int:
-    from ..halving import ranking
+    from ..halving import ranking, split_images
     from ..results import write_json
 
     n_eval = None
     if a.keep_within_se is not None:  # noise-aware promotion (peft_core/halving.py): the split's size
-        from ..data import load_split
-
         if a.eta is None or a.eval_data is None:
             raise InputError("rank-rung --keep-within-se needs --eta and --eval-data")
         require_files(a.eval_data)
-        n_eval = len(load_split(a.eval_data).labels)
+        n_eval = split_images(a.eval_data)
     result = ranking([Path(m) for m in a.manifests], a.eval_split, a.rung, a.previous, a.promote, a.eta,
                      a.keep_within_se, n_eval)  # fmt: skip
     write_json(a.out, result)
