@@ -7,10 +7,12 @@ bit on CPU fp32: tests/unit/test_halving.py). Training every configuration once,
 (and recording its validation accuracy) at every budget any replayed setting uses, therefore
 gives what every rung of every setting would see. Each setting is then replayed with the
 workflow's own functions (``halving.budgets``, ``halving.planned_sizes``, ``halving.rank`` for
-the promotions, ``select.select`` for the last rung and for the grid), and every
-configuration's final run (``train800val200`` -> ``test``, seed 0) gives the test accuracy of
-whichever one a setting chooses. Selection stays on validation only; test is read to score
-the choices, and for one baseline: a configuration chosen at random (each pair's mean).
+the promotions, ``select.select`` for the last rung and for the grid), and the final runs
+(``train800val200`` -> ``test``) give the test accuracy of whichever one a setting chooses: the
+mean over ``--final-seeds`` (default 0; the study's protocol is 0 1 2), a hole if one of them did
+not finish. Selection stays on validation only; test is read to score the choices, and for one
+baseline: a configuration chosen at random (each pair's mean, on the first final seed, which
+every configuration is trained with; the other seeds train only what something chose).
 
 ``--keep-within-se 1.96`` adds every setting again under noise-aware promotion
 (``tuning.keep_within_se``, ``halving.promotions``): a rung also promotes every configuration
@@ -26,7 +28,7 @@ Spearman rank correlation (scipy) between the validation accuracies at that budg
 full budget, over the pairs with at least 4 configurations.
 
 ``--tune-seeds 0 1`` repeats the whole tuning with another ``train.tune_seed`` (other data
-orders and initialisations; the final runs stay seed 0 and score every seed's choices). It
+orders and initialisations; the same final runs score every seed's choices). It
 prints each seed's tables, then how far the grid's own choice moves between seeds (the floor
 below which a difference cannot be told from re-running the grid), and each setting pooled: a
 pair's (setting - grid) averaged over the seeds, the interval over the pairs.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -161,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=QUICK_METHODS)
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--tune-seeds", nargs="+", type=int, default=[0],
-                   help="each a replicate of the whole tuning (train.tune_seed); the final runs stay seed 0")  # fmt: skip
+                   help="each a replicate of the whole tuning (train.tune_seed); the final runs stay --final-seeds")  # fmt: skip
+    p.add_argument("--final-seeds", nargs="+", type=int, default=[0],
+                   help="a choice's test accuracy: the mean of its final runs with these seeds (the study's "
+                        "protocol: 0 1 2); the first seed also scores every configuration, for the random baseline")  # fmt: skip
     p.add_argument("--keep-within-se", nargs="*", type=float, default=[1.96],
                    help="each setting also under noise-aware promotion with this z (none: plain halving only)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
@@ -193,41 +199,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuning cells: {time.perf_counter() - t0:.0f} s", flush=True)
         seeds[seed] = {k: [{"cell": s.cell_id, "spec": s.model_dump(mode="json"), "records": done[s.cell_id]}
                            for s in specs] for k, specs in pairs.items()}  # fmt: skip
-    # every configuration's final run (seed 0, whichever tuning seed chose it): the test accuracy
-    # of any choice, and of a choice at random
-    finals = {c["cell"]: _task(work, study, CellSpec.model_validate(c["spec"]), "final", [a.epochs])
-              for configs in seeds.values() for cs in configs.values() for c in cs}  # fmt: skip
-    unique = list({t["out"]: t for t in finals.values()}.values())  # one final run serves every tuning seed
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(a.jobs) as pool:
-        by_out = {t["out"]: r["records"][str(a.epochs)] for t, r in zip(unique, pool.map(_train, unique))}
-    print(f"final runs of the {len(unique)} configurations: {time.perf_counter() - t0:.0f} s\n")
-    test = {cell: by_out[t["out"]] for cell, t in finals.items()}
-    final = (study.cfg.data.final_train, study.cfg.data.final_eval)
     outcomes = {}
     for seed, configs in seeds.items():
         grid = {k: grid_choice(c, a.epochs) for k, c in configs.items()}
         runs = {s: {k: replay(c, s[0], s[1], a.epochs, s[2], n_eval[k[0]]) for k, c in configs.items()}
                 for s in settings}  # fmt: skip
-        print(f"## tuning seed {seed}\n")
-        report(grid, runs, test, configs, steps, a.epochs, final)
         outcomes[seed] = (grid, runs)
+    # the final runs: the first final seed of every configuration (whichever tuning seed chose it: any
+    # choice, and a choice at random), the other final seeds of every configuration something chose
+    every = {c["cell"]: CellSpec.model_validate(c["spec"]) for configs in seeds.values() for cs in configs.values() for c in cs}
+    chosen = chosen_cells(outcomes)
+    finals = {(cell, fs): _task(work, study, spec, "final", [a.epochs], fs) for cell, spec in every.items()
+              for fs in a.final_seeds if fs == a.final_seeds[0] or cell in chosen}  # fmt: skip
+    unique = list({t["out"]: t for t in finals.values()}.values())  # one final run serves every tuning seed
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as pool:
+        by_out = {t["out"]: r["records"][str(a.epochs)] for t, r in zip(unique, pool.map(_train, unique))}
+    print(f"final runs of the {len(unique)} (configuration, final seed) pairs: {time.perf_counter() - t0:.0f} s\n")
+    records: dict[str, list[dict]] = {}
+    for (cell, _), t in finals.items():
+        records.setdefault(cell, []).append(by_out[t["out"]])
+    test, first = scores(records), scores({cell: rs[:1] for cell, rs in records.items()})
+    fin = next(iter(by_out.values()))["n_train"] * a.epochs * len(a.final_seeds)  # one pair's final runs
+    final = (study.cfg.data.final_train, study.cfg.data.final_eval, a.final_seeds)
+    for seed, (grid, runs) in outcomes.items():
+        print(f"## tuning seed {seed}\n")
+        report(grid, runs, test, first, seeds[seed], steps, a.epochs, final, fin)
     if len(outcomes) > 1:  # a configuration across seeds: its final run's cell (the tuning cells differ by seed)
-        replicates(outcomes, test, {cell: t["cell"] for cell, t in finals.items()})
+        replicates(outcomes, test, {cell: t["cell"] for (cell, fs), t in finals.items() if fs == a.final_seeds[0]})
     return 0
 
 
-def _task(work: Path, study, spec, stage: str, steps: list[int]) -> dict:
-    """One configuration's training: a tuning cell (``stage`` "tune") or its final run (seed 0)."""
+def _task(work: Path, study, spec, stage: str, steps: list[int], final_seed: int = 0) -> dict:
+    """One configuration's training: a tuning cell (``stage`` "tune") or its final run (``final_seed``)."""
     from peft_core.cells import final_cells
 
     d = study.cfg.data
     if stage == "final":
-        spec = final_cells(spec, [0], d.final_train, d.final_eval)[0]
+        spec = final_cells(spec, [final_seed], d.final_train, d.final_eval)[0]
     train, ev = (d.tune_train, d.tune_eval) if stage == "tune" else (d.final_train, d.final_eval)
     return {"cell": spec.cell_id, "spec": spec.model_dump(mode="json"), "out": str(work / "replay" / stage / spec.dataset / spec.method / spec.cell_id),
             "train": str(work / study.split_cache(spec.dataset, train)), "eval": str(work / study.split_cache(spec.dataset, ev)),
             "checkpoint": str(work / study.cfg.backbone.checkpoint), "ladder": steps}  # fmt: skip
+
+
+def chosen_cells(outcomes: dict) -> set[str]:
+    """Every tuning cell that the grid or a setting chose, under any tuning seed."""
+    return {r["chosen"] for grid, runs in outcomes.values() for res in (grid, *runs.values()) for r in res.values()}
+
+
+def scores(records: dict[str, list[dict]]) -> dict[str, float]:
+    """A configuration's test accuracy (%): the mean of its final runs; a hole (nan) if one did not finish."""
+    return {cell: 100 * statistics.mean(r["accuracy"] for r in rs) if all(r["status"] == "ok" for r in rs) else math.nan
+            for cell, rs in records.items()}  # fmt: skip
 
 
 def _mean(xs) -> float:
@@ -245,15 +269,33 @@ def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     return tuple(stats.t.interval(level, len(diffs) - 1, loc=m, scale=stats.sem(diffs)))
 
 
-def report(grid, runs, finals, configs, steps, epochs, final) -> None:
-    """The tables of the module docstring; ``finals``: the final run's record of every configuration."""
-    test = {cell: 100 * r["accuracy"] for cell, r in finals.items()}
+def _known(xs) -> list[float]:
+    return [x for x in xs if not math.isnan(x)]
+
+
+def _difference(diffs: list[float]) -> tuple[str, str]:
+    """The mean difference and its interval (points) over the pairs without a hole; holes are counted."""
+    ok = _known(diffs)
+    if not ok:
+        return "hole", "-"
+    lo, hi = paired_ci(ok)
+    holes = "" if len(ok) == len(diffs) else f" ({len(diffs) - len(ok)} of {len(diffs)} pairs a hole)"
+    return f"{statistics.mean(ok):+.2f}", f"[{lo:+.2f}, {hi:+.2f}]{holes}"
+
+
+def report(grid, runs, test, first, configs, steps, epochs, final, fin) -> None:
+    """The tables of the module docstring.
+
+    ``test``: a chosen configuration's test accuracy (%, the mean of its final seeds, nan: a hole);
+    ``first``: every configuration's, from the first final seed (the random baseline); ``fin``: one
+    pair's final-run images.
+    """
     g_sel = sum(r["images"] for r in grid.values())
     g_test = {k: test[r["chosen"]] for k, r in grid.items()}
-    fin = sum(finals[r["chosen"]]["n_train"] * epochs for r in grid.values())  # the same count under every setting
+    fin *= len(grid)  # the same count under every setting
     print(f"grid: {len(grid)} (data set, method) pairs, selection {g_sel:,} images, final runs {fin:,} "
-          f"({final[0]} -> {final[1]}, seed 0), mean selected val {_mean(r['val'] for r in grid.values()):.2f} "
-          f"/ test {statistics.mean(g_test.values()):.2f}\n")  # fmt: skip
+          f"({final[0]} -> {final[1]}, seeds {' '.join(map(str, final[2]))}), mean selected val "
+          f"{_mean(r['val'] for r in grid.values()):.2f} / test {statistics.mean(_known(g_test.values())):.2f}\n")  # fmt: skip
     print("| eta | min_epochs | keep_within_se | budgets | selection images | fewer (selection) | fewer (with final "
           f"runs) | same configuration | mean val (%) | mean test (%) | test - grid (points) | 95% CI (paired t, "
           f"{len(grid)} pairs) |")  # fmt: skip
@@ -262,17 +304,15 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
         eta, m = setting[:2]
         sel = sum(r["images"] for r in res.values())
         same = sum(res[k]["chosen"] == grid[k]["chosen"] for k in grid)
-        diffs = [test[res[k]["chosen"]] - g_test[k] for k in grid]
-        lo, hi = paired_ci(diffs)
+        mean, ci = _difference([test[res[k]["chosen"]] - g_test[k] for k in grid])
         print(f"| {eta} | {m} | {_z(setting)} | {budgets(m, eta, epochs)} | {sel:,} | {g_sel / sel:.2f}x | "
               f"{(g_sel + fin) / (sel + fin):.2f}x | {same}/{len(grid)} | {_mean(r['val'] for r in res.values()):.2f} "
-              f"| {statistics.mean(test[r['chosen']] for r in res.values()):.2f} | {statistics.mean(diffs):+.2f} "
-              f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
-    rand = [statistics.mean(test[c["cell"]] for c in configs[k]) - g_test[k] for k in grid]
-    lo, hi = paired_ci(rand)
-    print(f"| a configuration at random (the mean over each pair's configurations) | | | | 0 | | | | | "
-          f"{statistics.mean(g_test.values()) + statistics.mean(rand):.2f} | {statistics.mean(rand):+.2f} "
-          f"| [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+              f"| {statistics.mean(_known(test[r['chosen']] for r in res.values())):.2f} | {mean} | {ci} |")  # fmt: skip
+    rand = [statistics.mean(first[c["cell"]] for c in configs[k]) - first[grid[k]["chosen"]] for k in grid]
+    mean, ci = _difference(rand)
+    print(f"| a configuration at random (the mean over each pair's configurations; final seed {final[2][0]} only) "
+          f"| | | | 0 | | | | | {statistics.mean(_known(first[grid[k]['chosen']] + d for k, d in zip(grid, rand))):.2f} "
+          f"| {mean} | {ci} |")  # fmt: skip
     print("\n| budget (epochs) | mean Spearman rho vs the full budget (pairs with >= 4 configurations) |")
     print("|---:|---:|")
     for b in steps[:-1]:
@@ -285,16 +325,16 @@ def report(grid, runs, finals, configs, steps, epochs, final) -> None:
         print(f"{k[0]:>9} {k[1]:>9}  grid {100 * g['val']:.1f}/{g_test[k]:.1f}   " + "  ".join(cells))
 
 
-def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
+def replicates(outcomes: dict, test: dict[str, float], config: dict[str, str]) -> None:
     """Across tuning seeds: how far the grid moves from itself, and each setting pooled.
 
-    The grid re-run with another tuning seed (its choice scored by the same seed-0 final runs)
+    The grid re-run with another tuning seed (its choice scored by the same final runs)
     differs from the first only by the noise of training and selecting on 200 validation images: a
     difference smaller than that cannot be told apart from re-running the grid. Pooled: each
     pair's (setting - grid) averaged over the seeds, the interval over the pairs. ``config``:
-    each tuning cell's configuration (its final run's cell id, the same for every seed).
+    each tuning cell's configuration (its final run's cell id, the same for every seed); ``test``:
+    as :func:`report`'s, a pair with a hole in any seed is a hole.
     """
-    test = {cell: 100 * r["accuracy"] for cell, r in finals.items()}
     (s0, (g0, _)), *rest = outcomes.items()
     pairs = list(g0)
     print(f"## {len(outcomes)} tuning seeds ({', '.join(map(str, outcomes))})\n")
@@ -304,9 +344,8 @@ def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
     for seed, (g, _) in rest:
         diffs = [test[g[k]["chosen"]] - test[g0[k]["chosen"]] for k in pairs]
         same = sum(config[g[k]["chosen"]] == config[g0[k]["chosen"]] for k in pairs)
-        lo, hi = paired_ci(diffs)
-        print(f"| s = {seed} | {same}/{len(pairs)} | {statistics.mean(diffs):+.2f} "
-              f"| {statistics.mean(map(abs, diffs)):.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+        mean, ci = _difference(diffs)
+        print(f"| s = {seed} | {same}/{len(pairs)} | {mean} | {statistics.mean(map(abs, _known(diffs))):.2f} | {ci} |")
     print(f"\n| eta | min_epochs | keep_within_se | fewer (selection) | same configuration | test - grid, pooled "
           f"(points) | 95% CI (paired t over {len(pairs)} pairs, each the mean of {len(outcomes)} seeds) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---|")
@@ -316,10 +355,9 @@ def replicates(outcomes: dict, finals: dict, config: dict[str, str]) -> None:
         images = sum(r[setting][k]["images"] for _, r in outcomes.values() for k in pairs)
         grid_images = sum(g[k]["images"] for g, _ in outcomes.values() for k in pairs)
         same = sum(r[setting][k]["chosen"] == g[k]["chosen"] for g, r in outcomes.values() for k in pairs)
-        lo, hi = paired_ci(per_pair)
+        mean, ci = _difference(per_pair)
         print(f"| {setting[0]} | {setting[1]} | {_z(setting)} | {grid_images / images:.2f}x | "
-              f"{same}/{len(pairs) * len(outcomes)} "
-              f"| {statistics.mean(per_pair):+.2f} | [{lo:+.2f}, {hi:+.2f}] |")  # fmt: skip
+              f"{same}/{len(pairs) * len(outcomes)} | {mean} | {ci} |")  # fmt: skip
 
 
 if __name__ == "__main__":

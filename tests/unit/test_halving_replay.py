@@ -7,6 +7,7 @@ id), the last rung's choice and the images counted rung by rung.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,13 @@ def test_fidelity_needs_four_configurations_and_spread():
 def test_replicates_pool_each_pair_over_the_seeds_and_compare_the_grid_with_itself(capsys):
     configs = _configs({2: [0.1] * 6, 6: [0.1] * 6})
     cells = [c["cell"] for c in configs]
-    finals = {c: {"accuracy": a} for c, a in zip(cells, [0.5, 0.6, 0.7, 0.8, 0.9, 0.4])}
+    test = dict(zip(cells, [50.0, 60.0, 70.0, 80.0, 90.0, 40.0]))  # each choice's test accuracy (%)
     pairs = [("a", "lora"), ("b", "lora")]
     grids = {0: {k: {"chosen": cells[0], "images": 60} for k in pairs},
              1: {pairs[0]: {"chosen": cells[1], "images": 60}, pairs[1]: {"chosen": cells[0], "images": 60}}}
     runs = {0: {(3, 2): {k: {"chosen": cells[2], "images": 20} for k in pairs}},
             1: {(3, 2): {pairs[0]: {"chosen": cells[1], "images": 20}, pairs[1]: {"chosen": cells[3], "images": 20}}}}  # fmt: skip
-    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, finals, {c: c for c in cells})
+    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, test, {c: c for c in cells})
     out = capsys.readouterr().out
     # the grid re-run: +10 points on pair a, 0 on b; the same configuration once
     assert "| s = 1 | 1/2 | +5.00 | 5.00 |" in out
@@ -110,8 +111,24 @@ def test_replicates_pool_each_pair_over_the_seeds_and_compare_the_grid_with_itse
 def test_the_grid_compared_with_itself_by_configuration_not_by_cell(capsys):
     """Another tuning seed gives every configuration another tuning cell id: the same choice still counts."""
     pairs = [("a", "lora")]
-    finals = {"x0": {"accuracy": 0.5}, "x1": {"accuracy": 0.5}}
+    test = {"x0": 50.0, "x1": 50.0}
     grids = {s: {pairs[0]: {"chosen": f"x{s}", "images": 6}} for s in (0, 1)}
     runs = {s: {(3, 2): {pairs[0]: {"chosen": f"x{s}", "images": 2}}} for s in (0, 1)}
-    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, finals, {"x0": "final", "x1": "final"})
+    replay_mod.replicates({s: (grids[s], runs[s]) for s in (0, 1)}, test, {"x0": "final", "x1": "final"})
     assert "| s = 1 | 1/1 | +0.00 |" in capsys.readouterr().out
+
+
+def test_a_choice_is_scored_by_the_mean_of_its_final_seeds_and_a_hole_stays_a_hole():
+    ok = lambda acc: {"accuracy": acc, "status": "ok"}  # noqa: E731
+    test = replay_mod.scores({"a": [ok(0.5), ok(0.7)], "b": [ok(0.9), {"accuracy": None, "status": "diverged"}]})
+    assert test["a"] == pytest.approx(60.0) and math.isnan(test["b"])
+    assert replay_mod._difference([1.0, 3.0]) == ("+2.00", "[-10.71, +14.71]")
+    mean, ci = replay_mod._difference([1.0, math.nan, 3.0])  # the hole is named, not averaged in
+    assert mean == "+2.00" and ci.endswith("(1 of 3 pairs a hole)")
+    assert replay_mod._difference([math.nan]) == ("hole", "-")
+
+
+def test_the_other_final_seeds_train_what_the_grid_or_a_setting_chose():
+    grid = {("d", "m"): {"chosen": "g"}}
+    runs = {(3, 2, None): {("d", "m"): {"chosen": "h"}}, (3, 2, 1.96): {("d", "m"): {"chosen": "g"}}}
+    assert replay_mod.chosen_cells({0: (grid, runs), 1: ({("d", "m"): {"chosen": "k"}}, {})}) == {"g", "h", "k"}
