@@ -132,3 +132,18 @@ def test_the_other_final_seeds_train_what_the_grid_or_a_setting_chose():
     grid = {("d", "m"): {"chosen": "g"}}
     runs = {(3, 2, None): {("d", "m"): {"chosen": "h"}}, (3, 2, 1.96): {("d", "m"): {"chosen": "g"}}}
     assert replay_mod.chosen_cells({0: (grid, runs), 1: ({("d", "m"): {"chosen": "k"}}, {})}) == {"g", "h", "k"}
+
+
+def test_without_every_configurations_final_run_the_random_baseline_is_not_measured(capsys):
+    configs = {("digits", "lora"): _configs({2: [0.1, 0.5, 0.3, 0.5, 0.2, 0.0], 6: [0.9, 0.2, 0.1, 0.4, 0.9, 0.9]})}
+    grid = {k: replay_mod.grid_choice(c, 6) for k, c in configs.items()}
+    runs = {(3, 2, None): {k: replay_mod.replay(c, 3, 2, 6) for k, c in configs.items()}}
+    test = {c: 50.0 for c in replay_mod.chosen_cells({0: (grid, runs)})}  # --finals chosen: only what was chosen
+    final = ("train800val200", "test", [0, 1, 2])
+    replay_mod.report(grid, runs, test, test, configs, [2, 6], 6, final, 1000 * 6 * 3)
+    out = capsys.readouterr().out
+    assert "a configuration at random: not measured (`--finals chosen`)" in out
+    assert "seeds 0 1 2" in out and "| 3 | 2 | - | [2, 6] | 16,000 | 1.80x |" in out
+    every = {c["cell"]: 40.0 for c in configs[("digits", "lora")]} | test  # --finals all
+    replay_mod.report(grid, runs, test, every, configs, [2, 6], 6, final, 1000 * 6 * 3)
+    assert "| a configuration at random (the mean over each pair's configurations; final seed 0 only)" in capsys.readouterr().out
