@@ -81,15 +81,29 @@ def _z(setting: tuple) -> str:
 
 
 def _train(task: dict) -> dict:
-    """One configuration trained once, stopping at every budget of ``task['ladder']`` (a worker)."""
+    """One configuration trained once, stopping at every budget of ``task['ladder']`` (a worker).
+
+    Under an exclusive lock beside its folder: a worker of an earlier run whose parent was killed
+    finishes its epoch (the engine saves its state on SIGTERM, ``peft_core.preempt``) and would
+    otherwise write a resume state into the folder a new run is training in.
+    """
+    import fcntl
+
+    out = Path(task["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ladder(task, out)
+
+
+def _ladder(task: dict, out: Path) -> dict:
     from peft_core.cells import CellSpec
     from peft_core.train import run_cell
 
-    spec = CellSpec.model_validate(task["spec"])
-    out = Path(task["out"])
     done = out / "ladder.json"
     if done.is_file():
         return json.loads(done.read_text())
+    spec = CellSpec.model_validate(task["spec"])
     shutil.rmtree(out, ignore_errors=True)  # a ladder cut short restarts: no half-known resume state
     quiet = lambda msg: None  # noqa: E731
     records: dict[str, dict] = {}
@@ -103,7 +117,9 @@ def _train(task: dict) -> dict:
         last = {k: m.get(k) for k in ("accuracy", "status", "eval_split", "n_train", "trainable_params")}
         records[str(b)] = last
     result = {"cell": spec.cell_id, "records": records}
-    done.write_text(json.dumps(result))
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(done)  # whole or absent: a run killed while writing leaves no half-written record
     return result
 
 

@@ -147,3 +147,23 @@ def test_without_every_configurations_final_run_the_random_baseline_is_not_measu
     every = {c["cell"]: 40.0 for c in configs[("digits", "lora")]} | test  # --finals all
     replay_mod.report(grid, runs, test, every, configs, [2, 6], 6, final, 1000 * 6 * 3)
     assert "| a configuration at random (the mean over each pair's configurations; final seed 0 only)" in capsys.readouterr().out
+
+
+def test_a_configuration_is_trained_by_one_worker_at_a_time(tmp_path):
+    """A worker of a killed run still holds its configuration's lock: a new run's worker waits for it."""
+    import fcntl
+    import json
+    import threading
+
+    out = tmp_path / "tune" / "digits" / "lora" / "abc"
+    out.mkdir(parents=True)
+    (out / "ladder.json").write_text(json.dumps({"cell": "abc", "records": {}}))
+    got = []
+    with open(out.parent / ".abc.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: got.append(replay_mod._train({"out": str(out), "spec": {}})))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not got  # waiting for the lock, nothing read or removed
+    worker.join(5)
+    assert got == [{"cell": "abc", "records": {}}]
