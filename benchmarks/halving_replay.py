@@ -83,21 +83,21 @@ def _z(setting: tuple) -> str:
 def _train(task: dict) -> dict:
     """One configuration trained once, stopping at every budget of ``task['ladder']`` (a worker).
 
-    Under an exclusive lock beside its folder: a worker of an earlier run whose parent was killed
-    finishes its epoch (the engine saves its state on SIGTERM, ``peft_core.preempt``) and would
-    otherwise write a resume state into the folder a new run is training in.
+    Under the cell lock the packs take (``packs.cell_lock``): a worker of an earlier run whose
+    parent was killed finishes its epoch (the engine saves its state on SIGTERM,
+    ``peft_core.preempt``) and would otherwise write a resume state into the folder a new run is
+    training in.
     """
-    import fcntl
+    from peft_core.packs import cell_lock
 
     out = Path(task["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cell_lock(out, lambda msg: None):
         return _ladder(task, out)
 
 
 def _ladder(task: dict, out: Path) -> dict:
     from peft_core.cells import CellSpec
+    from peft_core.results import write_text
     from peft_core.train import run_cell
 
     done = out / "ladder.json"
@@ -117,9 +117,7 @@ def _ladder(task: dict, out: Path) -> dict:
         last = {k: m.get(k) for k in ("accuracy", "status", "eval_split", "n_train", "trainable_params")}
         records[str(b)] = last
     result = {"cell": spec.cell_id, "records": records}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(done)  # whole or absent: a run killed while writing leaves no half-written record
+    write_text(done, json.dumps(result))  # whole or absent: a run killed while writing leaves no half-written record
     return result
 
 
@@ -330,19 +328,12 @@ def report(grid, runs, test, first, configs, steps, epochs, final, fin) -> None:
               f"{(g_sel + fin) / (sel + fin):.2f}x | {same}/{len(grid)} | {_mean(r['val'] for r in res.values()):.2f} "
               f"| {statistics.mean(_known(test[r['chosen']] for r in res.values())):.2f} | {mean} | {ci} |")  # fmt: skip
     if all(c["cell"] in first for cs in configs.values() for c in cs):
-        rand = [statistics.mean(first[c["cell"]] for c in configs[k]) - first[grid[k]["chosen"]] for k in grid]
-        mean, ci = _difference(rand)
+        at_random = {k: statistics.mean(first[c["cell"]] for c in configs[k]) for k in grid}
+        mean, ci = _difference([at_random[k] - first[grid[k]["chosen"]] for k in grid])
         print(f"| a configuration at random (the mean over each pair's configurations; final seed {final[2][0]} only) "
-              f"| | | | 0 | | | | | {statistics.mean(_known(first[grid[k]['chosen']] + d for k, d in zip(grid, rand))):.2f} "
-              f"| {mean} | {ci} |")  # fmt: skip
+              f"| | | | 0 | | | | | {statistics.mean(_known(at_random.values())):.2f} | {mean} | {ci} |")  # fmt: skip
     else:
         print("| a configuration at random: not measured (`--finals chosen`) | | | | 0 | | | | | | | |")
-    _rest(grid, runs, test, configs, steps, epochs)
-
-
-def _rest(grid, runs, test, configs, steps, epochs) -> None:
-    """:func:`report`'s fidelity table and per-pair lines."""
-    g_test = {k: test[r["chosen"]] for k, r in grid.items()}
     print("\n| budget (epochs) | mean Spearman rho vs the full budget (pairs with >= 4 configurations) |")
     print("|---:|---:|")
     for b in steps[:-1]:

@@ -159,7 +159,7 @@ def test_a_configuration_is_trained_by_one_worker_at_a_time(tmp_path):
     out.mkdir(parents=True)
     (out / "ladder.json").write_text(json.dumps({"cell": "abc", "records": {}}))
     got = []
-    with open(out.parent / ".abc.lock", "w") as held:
+    with open(out.with_name("abc.lock"), "a+") as held:  # packs.cell_lock's file, beside the folder
         fcntl.flock(held, fcntl.LOCK_EX)
         worker = threading.Thread(target=lambda: got.append(replay_mod._train({"out": str(out), "spec": {}})))
         worker.start()
